@@ -1,0 +1,293 @@
+//! The signed Pusher HTTP API and the health endpoints, as axum handlers. Every request is
+//! counted (rejected ones too) under its app, or `unknown` before the app is resolved; errors
+//! are JSON `{"error": "..."}` with the status their [`ApiError`] variant maps to.
+
+mod error;
+
+pub use error::ApiError;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State as AxumState};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::app::App;
+use crate::auth::{self, SignedRequest};
+use crate::protocol::rest::{self, PublishEvent};
+use crate::protocol::{ChannelKind, ChannelName};
+use crate::state::State;
+
+type S = AxumState<Arc<State>>;
+
+/// The outcome of a request: the app it was attributed to and the JSON answer.
+struct Outcome {
+    app: Option<Arc<App>>,
+    result: Result<Value, ApiError>,
+}
+
+impl Outcome {
+    fn unknown(err: ApiError) -> Self {
+        Self { app: None, result: Err(err) }
+    }
+}
+
+/// Records the request in the HTTP metrics and renders it.
+fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
+    let (status, body) = match outcome.result {
+        Ok(v) => (StatusCode::OK, v.to_string()),
+        Err(e) => {
+            if e.status() == StatusCode::UNAUTHORIZED {
+                tracing::info!(
+                    app_id = outcome.app.as_ref().map(|a| a.id.as_str()).unwrap_or("unknown"),
+                    reason = %e,
+                    "api authentication failed"
+                );
+            }
+            (e.status(), json!({ "error": e.to_string() }).to_string())
+        }
+    };
+    let attrs = outcome.app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
+    state.metrics.http_call(attrs, request_bytes as u64, body.len() as u64);
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Reads the body, refusing (413) as soon as it passes the limit rather than after buffering.
+async fn read_body(state: &State, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let limit = state.config.http_api.max_body_kb * 1024;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::PayloadTooLarge(limit))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Resolves the app and checks the request signature.
+async fn authenticate(
+    state: &State,
+    app_id: &str,
+    method: &Method,
+    uri: &Uri,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Arc<App>, (Option<Arc<App>>, ApiError)> {
+    let app = state.apps.find_by_id(app_id).await.ok_or((None, ApiError::AppNotFound))?;
+    let req = SignedRequest { method: method.as_str(), path: uri.path(), query: query.unwrap_or(""), body };
+    if let Err(e) = auth::verify_api_request(
+        &app.key,
+        app.secret(),
+        &req,
+        now_unix(),
+        state.config.http_api.timestamp_tolerance_seconds,
+    ) {
+        let err = match e {
+            auth::ApiAuthError::Duplicate(_) => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Unauthorized(other),
+        };
+        return Err((Some(app), err));
+    }
+    if !app.settings.enabled {
+        return Err((Some(app), ApiError::AppDisabled));
+    }
+    Ok(app)
+}
+
+/// Runs `f` for an authenticated app and renders the outcome.
+async fn signed<F>(state: &State, app_id: &str, method: Method, uri: Uri, query: Option<String>, headers: HeaderMap, body: Body, f: F) -> Response
+where
+    F: FnOnce(&Arc<App>, &[u8]) -> Result<Value, ApiError>,
+{
+    let body = match read_body(state, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return finish(state, 0, Outcome::unknown(e)),
+    };
+    let outcome = match authenticate(state, app_id, &method, &uri, query.as_deref(), &body).await {
+        Ok(app) => {
+            let result = f(&app, &body);
+            Outcome { app: Some(app), result }
+        }
+        Err((app, err)) => Outcome { app, result: Err(err) },
+    };
+    finish(state, body.len(), outcome)
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+fn info_fields(info: Option<String>) -> Vec<String> {
+    info.map(|i| i.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()).unwrap_or_default()
+}
+
+fn channel_attributes(state: &State, app: &App, channel: &ChannelName, info: &[String]) -> Result<Map<String, Value>, ApiError> {
+    let counts = state.adapter.channels(app).info(channel);
+    let mut out = Map::new();
+    for field in info {
+        match field.as_str() {
+            "subscription_count" => {
+                out.insert(field.clone(), json!(counts.subscription_count));
+            }
+            "user_count" if counts.presence => {
+                out.insert(field.clone(), json!(counts.user_count));
+            }
+            "user_count" => return Err(ApiError::BadRequest("user_count is only available for presence channels".into())),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: Instant) -> Result<Value, ApiError> {
+    state.adapter.publish(app, event, started);
+    if event.info.is_empty() {
+        return Ok(json!({}));
+    }
+    let mut channels = Map::new();
+    for c in &event.channels {
+        channels.insert(c.as_str().to_owned(), Value::Object(channel_attributes(state, app, c, &event.info)?));
+    }
+    Ok(json!({ "channels": channels }))
+}
+
+/// `POST /apps/{app_id}/events`.
+pub async fn events(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
+        let event = rest::parse_event(body, &app.publish_limits())?;
+        publish(&state, app, &event, started)
+    })
+    .await
+}
+
+/// `POST /apps/{app_id}/batch_events`.
+pub async fn batch_events(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
+        let events = rest::parse_batch(body, &app.publish_limits())?;
+        let mut infos = Vec::with_capacity(events.len());
+        let mut any_info = false;
+        for event in &events {
+            let answer = publish(&state, app, event, started)?;
+            any_info |= !event.info.is_empty();
+            let attrs = event
+                .channels
+                .first()
+                .and_then(|c| answer.get("channels").and_then(|m| m.get(c.as_str())).cloned())
+                .unwrap_or_else(|| json!({}));
+            infos.push(attrs);
+        }
+        Ok(if any_info { json!({ "batch": infos }) } else { json!({}) })
+    })
+    .await
+}
+
+/// `GET /apps/{app_id}/channels`.
+pub async fn channels(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    let prefix = query_param(q.as_deref(), "filter_by_prefix").unwrap_or_default();
+    let info = info_fields(query_param(q.as_deref(), "info"));
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
+        if info.iter().any(|f| f == "user_count") && !prefix.starts_with("presence-") {
+            return Err(ApiError::BadRequest("info=user_count requires filter_by_prefix=presence-".into()));
+        }
+        let mut out = Map::new();
+        for c in state.adapter.channels(app).list(&prefix) {
+            let mut attrs = Map::new();
+            for field in &info {
+                match field.as_str() {
+                    "user_count" if c.presence => {
+                        attrs.insert(field.clone(), json!(c.user_count));
+                    }
+                    "subscription_count" => {
+                        attrs.insert(field.clone(), json!(c.subscription_count));
+                    }
+                    _ => {}
+                }
+            }
+            out.insert(c.name.to_string(), Value::Object(attrs));
+        }
+        Ok(json!({ "channels": out }))
+    })
+    .await
+}
+
+fn channel_path(app: &App, name: &str) -> Result<ChannelName, ApiError> {
+    ChannelName::parse(name, app.settings.max_channel_name_length).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+/// `GET /apps/{app_id}/channels/{channel}`.
+pub async fn channel(AxumState(state): S, Path((app_id, name)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    let info = info_fields(query_param(q.as_deref(), "info"));
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
+        let channel = channel_path(app, &name)?;
+        let counts = state.adapter.channels(app).info(&channel);
+        let mut out = channel_attributes(&state, app, &channel, &info)?;
+        out.insert("occupied".into(), json!(counts.subscription_count > 0));
+        Ok(Value::Object(out))
+    })
+    .await
+}
+
+/// `GET /apps/{app_id}/channels/{channel}/users`.
+pub async fn channel_users(AxumState(state): S, Path((app_id, name)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
+        let channel = channel_path(app, &name)?;
+        if channel.kind() != ChannelKind::Presence {
+            return Err(ApiError::BadRequest("users are only available for presence channels".into()));
+        }
+        let users: Vec<Value> =
+            state.adapter.channels(app).members(channel.as_str()).iter().map(|id| json!({ "id": &**id })).collect();
+        Ok(json!({ "users": users }))
+    })
+    .await
+}
+
+/// `POST /apps/{app_id}/users/{user_id}/terminate_connections`.
+pub async fn terminate_user(AxumState(state): S, Path((app_id, user_id)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
+        let closed = state.adapter.terminate_user(app, &user_id);
+        tracing::info!(app_id = %app.id, sockets = closed, "terminated a user's connections");
+        Ok(json!({}))
+    })
+    .await
+}
+
+/// `GET /up`: ready unless draining.
+pub async fn up(AxumState(state): S) -> Response {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response()
+    } else {
+        (StatusCode::OK, "OK").into_response()
+    }
+}
+
+/// `GET /up/{app_id}`: ready and the app exists and is enabled.
+pub async fn up_app(AxumState(state): S, Path(app_id): Path<String>) -> Response {
+    if state.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response();
+    }
+    match state.apps.find_by_id(&app_id).await {
+        Some(app) if app.settings.enabled => (StatusCode::OK, "OK").into_response(),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "APP DISABLED").into_response(),
+        None => (StatusCode::NOT_FOUND, "APP NOT FOUND").into_response(),
+    }
+}
+
+/// `GET /live`: the process is alive.
+pub async fn live() -> Response {
+    (StatusCode::OK, "OK").into_response()
+}
+
+/// Anything else: 404 JSON, counted under `unknown`.
+pub async fn not_found(AxumState(state): S) -> Response {
+    finish(&state, 0, Outcome::unknown(ApiError::NotFound))
+}

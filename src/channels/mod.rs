@@ -1,0 +1,388 @@
+//! This node's channel state per app: subscribers, presence members, cached last events and
+//! signed-in users. Everything here is synchronous and guarded by one short-lived mutex per app;
+//! no lock is held across an `.await`, and broadcasts take a shared snapshot of the subscriber
+//! list so that fan-out happens outside the lock.
+
+mod socket;
+
+pub use socket::{Delivery, Frame, SocketHandle, SocketId};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
+
+use crate::protocol::{ChannelName, ChannelType, PresenceMember};
+
+/// The subscribers of a channel at one moment, shared by every broadcast until it changes.
+pub type Snapshot = Arc<[Arc<SocketHandle>]>;
+
+/// Why a subscription was refused by channel state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The presence channel already has its maximum number of members.
+    PresenceFull(usize),
+}
+
+/// What a subscription changed.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// The channel had no subscriber on this node before.
+    pub occupied: bool,
+    /// The socket was already subscribed; nothing changed.
+    pub already: bool,
+    /// The user joined the presence channel (first socket of that user).
+    pub member_added: bool,
+    /// `{"presence":{...}}` for presence channels, else `{}`.
+    pub succeeded_data: String,
+    pub subscription_count: usize,
+}
+
+/// What an unsubscription changed.
+#[derive(Debug)]
+pub struct Unsubscribed {
+    pub channel_type: ChannelType,
+    /// The last subscriber on this node left.
+    pub vacated: bool,
+    /// The user left the presence channel (its last socket).
+    pub member_removed: Option<Arc<str>>,
+    pub subscription_count: usize,
+    pub presence: bool,
+}
+
+/// Counts of one channel.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    pub name: Arc<str>,
+    pub channel_type: ChannelType,
+    pub presence: bool,
+    pub subscription_count: usize,
+    pub user_count: usize,
+}
+
+struct Sub {
+    handle: Arc<SocketHandle>,
+    user_id: Option<Arc<str>>,
+}
+
+struct Member {
+    info: Box<RawValue>,
+    sockets: u32,
+}
+
+struct Channel {
+    name: ChannelName,
+    subs: HashMap<SocketId, Sub>,
+    snapshot: Option<Snapshot>,
+    members: HashMap<Arc<str>, Member>,
+}
+
+#[derive(Default)]
+struct Inner {
+    channels: HashMap<Arc<str>, Channel>,
+    cache: HashMap<Arc<str>, (Utf8Bytes, Instant)>,
+    users: HashMap<Arc<str>, HashMap<SocketId, Arc<SocketHandle>>>,
+}
+
+/// The channel state of one app on this node.
+pub struct AppChannels {
+    inner: Mutex<Inner>,
+    cache_ttl: Duration,
+}
+
+impl AppChannels {
+    pub fn new(cache_ttl: Duration) -> Self {
+        Self { inner: Mutex::new(Inner::default()), cache_ttl }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Critical sections only move map entries; a panic inside one cannot leave a
+        // half-updated invariant that later code relies on, so a poisoned lock stays usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `handle` to `channel` (as `member` on presence channels).
+    pub fn subscribe(
+        &self,
+        channel: &ChannelName,
+        handle: &Arc<SocketHandle>,
+        member: Option<PresenceMember>,
+        max_members: usize,
+    ) -> Result<Subscribed, SubscribeError> {
+        let mut inner = self.lock();
+        let occupied = !inner.channels.contains_key(channel.as_str());
+        let ch = inner.channels.entry(Arc::from(channel.as_str())).or_insert_with(|| Channel {
+            name: channel.clone(),
+            subs: HashMap::new(),
+            snapshot: None,
+            members: HashMap::new(),
+        });
+        if ch.subs.contains_key(&handle.id) {
+            let succeeded_data = presence_payload(ch);
+            return Ok(Subscribed {
+                occupied: false,
+                already: true,
+                member_added: false,
+                succeeded_data,
+                subscription_count: ch.subs.len(),
+            });
+        }
+        let mut member_added = false;
+        let user_id = match member {
+            Some(m) => {
+                let user_id: Arc<str> = Arc::from(m.user_id);
+                match ch.members.get_mut(&user_id) {
+                    Some(existing) => existing.sockets += 1,
+                    None => {
+                        if ch.members.len() >= max_members {
+                            if ch.subs.is_empty() {
+                                inner.channels.remove(channel.as_str());
+                            }
+                            return Err(SubscribeError::PresenceFull(max_members));
+                        }
+                        ch.members.insert(user_id.clone(), Member { info: m.user_info, sockets: 1 });
+                        member_added = true;
+                    }
+                }
+                Some(user_id)
+            }
+            None => None,
+        };
+        ch.subs.insert(handle.id.clone(), Sub { handle: handle.clone(), user_id });
+        ch.snapshot = None;
+        Ok(Subscribed {
+            occupied,
+            already: false,
+            member_added,
+            succeeded_data: presence_payload(ch),
+            subscription_count: ch.subs.len(),
+        })
+    }
+
+    /// Removes a socket from a channel; `None` when it was not subscribed.
+    pub fn unsubscribe(&self, channel: &str, socket_id: &str) -> Option<Unsubscribed> {
+        let mut inner = self.lock();
+        let ch = inner.channels.get_mut(channel)?;
+        let sub = ch.subs.remove(socket_id)?;
+        ch.snapshot = None;
+        let mut member_removed = None;
+        if let Some(user_id) = sub.user_id {
+            if let Some(m) = ch.members.get_mut(&user_id) {
+                m.sockets -= 1;
+                if m.sockets == 0 {
+                    ch.members.remove(&user_id);
+                    member_removed = Some(user_id);
+                }
+            }
+        }
+        let out = Unsubscribed {
+            channel_type: ch.name.channel_type(),
+            vacated: ch.subs.is_empty(),
+            member_removed,
+            subscription_count: ch.subs.len(),
+            presence: ch.name.kind() == crate::protocol::ChannelKind::Presence,
+        };
+        if out.vacated {
+            inner.channels.remove(channel);
+        }
+        Some(out)
+    }
+
+    /// The current subscribers of `channel`, shared until the next change.
+    pub fn snapshot(&self, channel: &str) -> Option<Snapshot> {
+        let mut inner = self.lock();
+        let ch = inner.channels.get_mut(channel)?;
+        Some(
+            ch.snapshot
+                .get_or_insert_with(|| ch.subs.values().map(|s| s.handle.clone()).collect::<Vec<_>>().into())
+                .clone(),
+        )
+    }
+
+    /// Keeps `frame` as the channel's last event (cache channels).
+    pub fn set_cache(&self, channel: &str, frame: Utf8Bytes) {
+        let mut inner = self.lock();
+        let expires = Instant::now() + self.cache_ttl;
+        inner.cache.insert(Arc::from(channel), (frame, expires));
+    }
+
+    /// The channel's last event, if it has one that has not expired.
+    pub fn cached(&self, channel: &str) -> Option<Utf8Bytes> {
+        let mut inner = self.lock();
+        match inner.cache.get(channel) {
+            Some((frame, expires)) if *expires > Instant::now() => Some(frame.clone()),
+            Some(_) => {
+                inner.cache.remove(channel);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops expired cache entries; returns how many remain.
+    pub fn sweep_cache(&self) -> usize {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.cache.retain(|_, (_, expires)| *expires > now);
+        inner.cache.len()
+    }
+
+    /// Counts of one channel (zeros when nobody is subscribed here).
+    pub fn info(&self, channel: &ChannelName) -> ChannelInfo {
+        let inner = self.lock();
+        let (subs, users) = inner
+            .channels
+            .get(channel.as_str())
+            .map(|c| (c.subs.len(), c.members.len()))
+            .unwrap_or((0, 0));
+        ChannelInfo {
+            name: Arc::from(channel.as_str()),
+            channel_type: channel.channel_type(),
+            presence: channel.kind() == crate::protocol::ChannelKind::Presence,
+            subscription_count: subs,
+            user_count: users,
+        }
+    }
+
+    /// Occupied channels whose name starts with `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<ChannelInfo> {
+        let inner = self.lock();
+        inner
+            .channels
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, c)| ChannelInfo {
+                name: name.clone(),
+                channel_type: c.name.channel_type(),
+                presence: c.name.kind() == crate::protocol::ChannelKind::Presence,
+                subscription_count: c.subs.len(),
+                user_count: c.members.len(),
+            })
+            .collect()
+    }
+
+    /// The user ids present in a presence channel.
+    pub fn members(&self, channel: &str) -> Vec<Arc<str>> {
+        let inner = self.lock();
+        inner.channels.get(channel).map(|c| c.members.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Registers a signed-in socket under its user.
+    pub fn add_user(&self, user_id: &Arc<str>, handle: &Arc<SocketHandle>) {
+        let mut inner = self.lock();
+        inner.users.entry(user_id.clone()).or_default().insert(handle.id.clone(), handle.clone());
+    }
+
+    pub fn remove_user(&self, user_id: &str, socket_id: &str) {
+        let mut inner = self.lock();
+        if let Some(sockets) = inner.users.get_mut(user_id) {
+            sockets.remove(socket_id);
+            if sockets.is_empty() {
+                inner.users.remove(user_id);
+            }
+        }
+    }
+
+    /// The sockets signed in as `user_id` on this node.
+    pub fn user_sockets(&self, user_id: &str) -> Vec<Arc<SocketHandle>> {
+        let inner = self.lock();
+        inner.users.get(user_id).map(|s| s.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Occupied channels on this node (for tests and gauges).
+    pub fn channel_count(&self) -> usize {
+        self.lock().channels.len()
+    }
+}
+
+fn presence_payload(ch: &Channel) -> String {
+    if ch.name.kind() != crate::protocol::ChannelKind::Presence {
+        return "{}".to_owned();
+    }
+    crate::protocol::server::presence_data(
+        ch.members.iter().map(|(id, m)| (&**id, m.info.get())),
+        ch.members.len(),
+    )
+}
+
+/// Channel state of every app on this node.
+#[derive(Default)]
+pub struct Registry {
+    apps: RwLock<HashMap<String, Arc<AppChannels>>>,
+    cache_ttl: Duration,
+}
+
+impl Registry {
+    pub fn new(cache_ttl: Duration) -> Self {
+        Self { apps: RwLock::default(), cache_ttl }
+    }
+
+    /// The state of `app_id`, created on first use.
+    pub fn app(&self, app_id: &str) -> Arc<AppChannels> {
+        if let Some(a) = self.apps.read().unwrap_or_else(|p| p.into_inner()).get(app_id) {
+            return a.clone();
+        }
+        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
+        apps.entry(app_id.to_owned()).or_insert_with(|| Arc::new(AppChannels::new(self.cache_ttl))).clone()
+    }
+
+    /// Every app's state (for cache sweeping).
+    pub fn all(&self) -> Vec<Arc<AppChannels>> {
+        self.apps.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: &str) -> Arc<SocketHandle> {
+        Arc::new(SocketHandle::new(Arc::from(id), 1 << 20))
+    }
+
+    fn member(id: &str) -> Option<PresenceMember> {
+        Some(PresenceMember::parse(&format!(r#"{{"user_id":"{id}"}}"#), 1024).unwrap())
+    }
+
+    #[test]
+    fn presence_counts_users_once() {
+        let chans = AppChannels::new(Duration::from_secs(60));
+        let ch = ChannelName::parse("presence-a", 200).unwrap();
+        let (a, b) = (handle("1.1"), handle("1.2"));
+        let s1 = chans.subscribe(&ch, &a, member("u"), 100).unwrap();
+        assert!(s1.occupied && s1.member_added);
+        let s2 = chans.subscribe(&ch, &b, member("u"), 100).unwrap();
+        assert!(!s2.occupied && !s2.member_added);
+        assert_eq!(chans.info(&ch).user_count, 1);
+        let u1 = chans.unsubscribe("presence-a", "1.1").unwrap();
+        assert!(u1.member_removed.is_none() && !u1.vacated);
+        let u2 = chans.unsubscribe("presence-a", "1.2").unwrap();
+        assert_eq!(u2.member_removed.as_deref(), Some("u"));
+        assert!(u2.vacated);
+        assert_eq!(chans.channel_count(), 0);
+    }
+
+    #[test]
+    fn presence_limit() {
+        let chans = AppChannels::new(Duration::from_secs(60));
+        let ch = ChannelName::parse("presence-a", 200).unwrap();
+        chans.subscribe(&ch, &handle("1.1"), member("u1"), 1).unwrap();
+        assert_eq!(chans.subscribe(&ch, &handle("1.2"), member("u2"), 1).unwrap_err(), SubscribeError::PresenceFull(1));
+        // Another socket of a present user still joins.
+        assert!(chans.subscribe(&ch, &handle("1.3"), member("u1"), 1).is_ok());
+    }
+
+    #[test]
+    fn snapshot_follows_changes() {
+        let chans = AppChannels::new(Duration::from_secs(60));
+        let ch = ChannelName::parse("a", 200).unwrap();
+        chans.subscribe(&ch, &handle("1.1"), None, 100).unwrap();
+        assert_eq!(chans.snapshot("a").unwrap().len(), 1);
+        chans.subscribe(&ch, &handle("1.2"), None, 100).unwrap();
+        assert_eq!(chans.snapshot("a").unwrap().len(), 2);
+        chans.unsubscribe("a", "1.1").unwrap();
+        assert_eq!(chans.snapshot("a").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,107 @@
+//! The environment layer: Sockudo's and the seed's variable names applied over the file.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use super::load::ConfigError;
+use super::{AdapterDriver, AppConfig, Config, LogFormat};
+
+fn get<'a>(e: &'a HashMap<String, String>, names: &[&str]) -> Option<(&'a str, String)> {
+    names.iter().find_map(|n| e.get_key_value(*n).map(|(k, v)| (v.as_str(), k.clone())))
+}
+
+fn parse<T: FromStr>(value: &str, var: &str, what: &str) -> Result<T, ConfigError> {
+    value.trim().parse().map_err(|_| ConfigError::new(var, format!("{value:?} is not {what}")))
+}
+
+fn parse_bool(value: &str, var: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(var, format!("{value:?} is not a boolean"))),
+    }
+}
+
+/// Applies the environment over `c`.
+pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigError> {
+    if let Some((v, _)) = get(e, &["HOST"]) {
+        c.host = v.to_owned();
+    }
+    if let Some((v, k)) = get(e, &["PORT"]) {
+        c.port = parse(v, &k, "a port number")?;
+    }
+    if let Some((v, k)) = get(e, &["DEBUG"]) {
+        c.debug = parse_bool(v, &k)?;
+    }
+    if let Some((v, k)) = get(e, &["LOG_FORMAT", "LOG_OUTPUT_FORMAT"]) {
+        c.log_format = match v.trim().to_ascii_lowercase().as_str() {
+            "json" => LogFormat::Json,
+            "text" | "human" => LogFormat::Text,
+            _ => return Err(ConfigError::new(k, format!("{v:?} is not json or text"))),
+        };
+    }
+    if let Some((v, _)) = get(e, &["LOG_LEVEL"]) {
+        c.log_level = Some(v.trim().to_ascii_lowercase());
+    }
+    if let Some((v, k)) = get(e, &["ACTIVITY_TIMEOUT"]) {
+        c.activity_timeout = parse(v, &k, "a number of seconds")?;
+    }
+    if let Some((v, k)) = get(e, &["SOCKUDO_MAX_CONNECTIONS"]) {
+        c.max_connections = parse(v, &k, "a whole number")?;
+    }
+    if let Some((v, k)) = get(e, &["SHUTDOWN_GRACE_PERIOD"]) {
+        c.shutdown_grace_period = parse(v, &k, "a number of seconds")?;
+    }
+    if let Some((v, k)) = get(e, &["METRICS_ENABLED"]) {
+        c.metrics.enabled = parse_bool(v, &k)?;
+    }
+    if let Some((v, _)) = get(e, &["METRICS_DRIVER"]) {
+        c.metrics.driver = v.trim().to_owned();
+    }
+    if let Some((v, _)) = get(e, &["METRICS_HOST"]) {
+        c.metrics.host = v.to_owned();
+    }
+    if let Some((v, k)) = get(e, &["METRICS_PORT"]) {
+        c.metrics.port = parse(v, &k, "a port number")?;
+    }
+    if let Some((v, _)) = get(e, &["PROMETHEUS_METRICS_PREFIX", "METRICS_PROMETHEUS_PREFIX"]) {
+        c.metrics.prometheus.prefix = v.to_owned();
+    }
+    if let Some((v, k)) = get(e, &["ADAPTER_DRIVER"]) {
+        c.adapter.driver = match v.trim().to_ascii_lowercase().as_str() {
+            "local" => AdapterDriver::Local,
+            "redis" => AdapterDriver::Redis,
+            "nats" => AdapterDriver::Nats,
+            _ => return Err(ConfigError::new(k, format!("{v:?} is not local, redis or nats"))),
+        };
+    }
+    if let Some((v, _)) = get(e, &["REDIS_URL"]) {
+        c.adapter.redis.url = v.to_owned();
+    }
+    if let Some((v, _)) = get(e, &["NATS_SERVERS"]) {
+        c.adapter.nats.servers = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    }
+    let default_app = [
+        get(e, &["SOCKUDO_DEFAULT_APP_ID"]),
+        get(e, &["SOCKUDO_DEFAULT_APP_KEY"]),
+        get(e, &["SOCKUDO_DEFAULT_APP_SECRET"]),
+    ];
+    if default_app.iter().any(Option::is_some) {
+        // They override the first app, which in the embedded default is the default app.
+        if c.app_manager.array.apps.is_empty() {
+            c.app_manager.array.apps.push(AppConfig::default());
+        }
+        let app = &mut c.app_manager.array.apps[0];
+        let [id, key, secret] = default_app;
+        if let Some((v, _)) = id {
+            app.id = v.to_owned();
+        }
+        if let Some((v, _)) = key {
+            app.key = v.to_owned();
+        }
+        if let Some((v, _)) = secret {
+            app.secret = v.to_owned();
+        }
+    }
+    Ok(())
+}

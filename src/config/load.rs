@@ -1,0 +1,272 @@
+//! Loading: embedded default, then the file, then the environment; then validation.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{env, AdapterDriver, Config, EMBEDDED_DEFAULT};
+
+/// A configuration error: the key (or variable, or file) at fault and why. Startup prints it on
+/// one line and exits with code 64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key: key.into(), message: message.into() }
+    }
+}
+
+/// Loads the effective configuration from the embedded default, an optional file and the given
+/// environment (passed in, so tests never touch the process environment), then validates it.
+pub fn load(file: Option<&Path>, environment: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let mut merged: Value = serde_json::from_str(EMBEDDED_DEFAULT)
+        .map_err(|e| ConfigError::new("embedded default", e.to_string()))?;
+    if let Some(path) = file {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&shown, e.to_string()))?;
+        let text = substitute(&text, environment).map_err(|m| ConfigError::new(&shown, m))?;
+        let overlay = parse_file(path, &text).map_err(|m| ConfigError::new(&shown, m))?;
+        if !overlay.is_object() {
+            return Err(ConfigError::new(&shown, "the top level must be an object"));
+        }
+        merge(&mut merged, overlay);
+    }
+    let mut config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "config".to_owned() } else { path };
+        ConfigError::new(key, e.into_inner().to_string())
+    })?;
+    env::apply(&mut config, environment)?;
+    validate(&config)?;
+    Ok(config)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<Value, String> {
+    let is_toml = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+    if is_toml {
+        let v: toml::Value = toml::from_str(text).map_err(|e| format!("invalid TOML: {e}"))?;
+        serde_json::to_value(v).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))
+    }
+}
+
+/// Objects merge key by key; anything else (arrays included) is replaced.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; an unset variable without a default is an error.
+pub(crate) fn substitute(text: &str, environment: &HashMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| "unterminated ${ in the file".to_owned())?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("invalid variable reference ${{{inner}}}"));
+        }
+        match (environment.get(name).filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(format!("${{{name}}} is referenced but not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
+    let prefix = &c.metrics.prometheus.prefix;
+    let valid_prefix = prefix.bytes().enumerate().all(|(i, b)| {
+        b.is_ascii_alphabetic() || b == b'_' || b == b':' || (i > 0 && b.is_ascii_digit())
+    });
+    if !valid_prefix {
+        return Err(ConfigError::new(
+            "metrics.prometheus.prefix",
+            format!("{prefix:?} must match [a-zA-Z_:][a-zA-Z0-9_:]*"),
+        ));
+    }
+    if c.metrics.driver != "prometheus" {
+        return Err(ConfigError::new("metrics.driver", format!("{:?} is not supported; use \"prometheus\"", c.metrics.driver)));
+    }
+    if let Some(level) = &c.log_level {
+        if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+            return Err(ConfigError::new("log_level", format!("{level:?} is not error|warn|info|debug|trace or a filter")));
+        }
+    }
+    if c.activity_timeout == 0 {
+        return Err(ConfigError::new("activity_timeout", "must be at least 1 second"));
+    }
+    if c.pong_timeout == 0 {
+        return Err(ConfigError::new("pong_timeout", "must be at least 1 second"));
+    }
+    let ws = &c.websocket;
+    if ws.max_message_size_kb == 0 || ws.hard_max_message_size_kb < ws.max_message_size_kb {
+        return Err(ConfigError::new(
+            "websocket.hard_max_message_size_kb",
+            "must be at least websocket.max_message_size_kb, which must be above 0",
+        ));
+    }
+    if ws.max_queue_kb == 0 {
+        return Err(ConfigError::new("websocket.max_queue_kb", "must be above 0"));
+    }
+    if c.http_api.max_body_kb == 0 {
+        return Err(ConfigError::new("http_api.max_body_kb", "must be above 0"));
+    }
+    match c.adapter.driver {
+        AdapterDriver::Local => {}
+        other => {
+            return Err(ConfigError::new(
+                "adapter.driver",
+                format!("{:?} is not available in this build; use \"local\"", other.as_str()),
+            ))
+        }
+    }
+    if c.app_manager.driver != "config" {
+        return Err(ConfigError::new(
+            "app_manager.driver",
+            format!("{:?} is not supported; use \"config\"", c.app_manager.driver),
+        ));
+    }
+    let apps = &c.app_manager.array.apps;
+    if apps.is_empty() {
+        return Err(ConfigError::new("app_manager.array.apps", "at least one app is required"));
+    }
+    let mut keys = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        let at = |f: &str| format!("app_manager.array.apps[{i}].{f}");
+        for (field, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
+            if value.is_empty() {
+                return Err(ConfigError::new(at(field), "is required"));
+            }
+        }
+        if app.id.len() > 64 || !app.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(ConfigError::new(at("id"), "must be 1-64 characters of [A-Za-z0-9_-]"));
+        }
+        if !keys.insert(app.key.as_str()) {
+            return Err(ConfigError::new(at("key"), format!("duplicate app key {:?}", app.key)));
+        }
+        if !ids.insert(app.id.as_str()) {
+            return Err(ConfigError::new(at("id"), format!("duplicate app id {:?}", app.id)));
+        }
+        for (field, value) in [
+            ("max_channel_name_length", app.max_channel_name_length),
+            ("max_event_name_length", app.max_event_name_length),
+            ("max_event_payload_in_kb", app.max_event_payload_in_kb),
+            ("max_event_channels_at_once", app.max_event_channels_at_once),
+            ("max_event_batch_size", app.max_event_batch_size),
+            ("max_presence_member_size_in_kb", app.max_presence_member_size_in_kb),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(at(field), "must be above 0"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The configuration as JSON with every secret and URL password replaced, for `--check-config`.
+pub fn mask_secrets(config: &Config) -> Value {
+    let mut v = serde_json::to_value(config).unwrap_or(Value::Null);
+    mask(&mut v);
+    v
+}
+
+fn mask(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if k == "secret" || k.ends_with("password") {
+                    *val = Value::String("********".into());
+                } else if k == "url" || k == "servers" {
+                    mask_urls(val);
+                } else {
+                    mask(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(mask),
+        _ => {}
+    }
+}
+
+fn mask_urls(v: &mut Value) {
+    match v {
+        Value::String(s) => *s = mask_url_password(s),
+        Value::Array(items) => items.iter_mut().for_each(mask_urls),
+        _ => {}
+    }
+}
+
+/// `redis://user:pass@host` → `redis://user:****@host`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else { return url.to_owned() };
+    let creds = &rest[..at];
+    let user = creds.split(':').next().unwrap_or("");
+    if creds.contains(':') {
+        format!("{}://{user}:****@{}", &url[..scheme_end], &rest[at + 1..])
+    } else {
+        url.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn substitution() {
+        let e = env(&[("A", "1")]);
+        assert_eq!(substitute("x${A}y${B:-2}", &e).unwrap(), "x1y2");
+        assert!(substitute("${B}", &e).unwrap_err().contains("B"));
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = load(None, &HashMap::new()).unwrap();
+        assert_eq!(c.port, 6001);
+        assert_eq!(c.metrics.port, 9601);
+        assert_eq!(c.app_manager.array.apps[0].key, "app-key");
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask_url_password("redis://u:p@h:1/0"), "redis://u:****@h:1/0");
+        assert_eq!(mask_url_password("redis://h:1"), "redis://h:1");
+        let c = load(None, &HashMap::new()).unwrap();
+        assert!(!mask_secrets(&c).to_string().contains("app-secret"));
+    }
+}

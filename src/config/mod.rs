@@ -1,0 +1,325 @@
+//! Typed configuration with defaults: the embedded default (`config/sockudo.json`), then an
+//! optional `--config` file (JSON or TOML, with `${VAR}` / `${VAR:-default}` substitution), then
+//! environment variables. [`Config::validate`] runs before anything binds; every error names the
+//! key or variable at fault.
+
+mod env;
+mod load;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use load::{load, mask_secrets, ConfigError};
+
+/// The embedded default configuration, also shipped as `config/sockudo.json`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/sockudo.json");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the WebSocket + HTTP API listener.
+    pub host: String,
+    pub port: u16,
+    /// `true` means log level `debug` unless `log_level` says otherwise.
+    pub debug: bool,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+    /// Seconds of client silence before the server pings (sent to clients in
+    /// `connection_established`).
+    pub activity_timeout: u64,
+    /// Seconds to wait for a pong after a server ping before closing with 4201.
+    pub pong_timeout: u64,
+    /// Open connections this node accepts; 0 means no limit.
+    pub max_connections: u64,
+    /// Seconds that shutdown waits for sockets and requests to finish.
+    pub shutdown_grace_period: u64,
+    /// Delay that coalesces subscription-count changes into one `subscription_count` event.
+    pub subscription_count_debounce_ms: u64,
+    pub cache: CacheConfig,
+    pub websocket: WebSocketConfig,
+    pub http_api: HttpApiConfig,
+    pub adapter: AdapterConfig,
+    pub metrics: MetricsConfig,
+    pub app_manager: AppManagerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a cache channel keeps its last event.
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Messages above this get `pusher:error` 4300 and are dropped; the socket stays open.
+    pub max_message_size_kb: usize,
+    /// Frames above this close the socket with 1009 (they are not even buffered).
+    pub hard_max_message_size_kb: usize,
+    /// Bytes a connection may have queued for sending before it is closed as a slow consumer.
+    pub max_queue_kb: usize,
+    /// Initial read buffer of each socket.
+    pub read_buffer_size: usize,
+    /// Outgoing frames are buffered up to this before a write is forced.
+    pub write_buffer_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpApiConfig {
+    /// Largest request body accepted; larger bodies get 413 while being read.
+    pub max_body_kb: usize,
+    /// Accepted clock skew of `auth_timestamp`, in seconds.
+    pub timestamp_tolerance_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterDriver {
+    Local,
+    Redis,
+    Nats,
+}
+
+impl AdapterDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterDriver::Local => "local",
+            AdapterDriver::Redis => "redis",
+            AdapterDriver::Nats => "nats",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    pub driver: AdapterDriver,
+    pub redis: RedisConfig,
+    pub nats: NatsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Key/channel prefix, so several clusters can share one Redis.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub servers: Vec<String>,
+    /// Subject prefix, so several clusters can share one NATS.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// `prometheus`.
+    pub driver: String,
+    pub host: String,
+    pub port: u16,
+    pub prometheus: PrometheusConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Prefix of every family name, `sockudo_` by default.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppManagerConfig {
+    /// `config`: apps from `array.apps`.
+    pub driver: String,
+    pub array: AppArray,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppArray {
+    pub apps: Vec<AppConfig>,
+}
+
+/// One app (tenant). Field names follow Sockudo's where they exist.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    pub enabled: bool,
+    /// Connections this app may hold on this node; 0 means no limit.
+    pub max_connections: u64,
+    pub enable_client_messages: bool,
+    pub enable_user_authentication: bool,
+    /// Sends `pusher_internal:subscription_count` to subscribers when a channel's count changes.
+    pub enable_subscription_count: bool,
+    /// Per socket; 0 means no limit.
+    pub max_client_events_per_second: u32,
+    pub max_presence_members_per_channel: usize,
+    pub max_presence_member_size_in_kb: usize,
+    pub max_channel_name_length: usize,
+    pub max_event_name_length: usize,
+    pub max_event_payload_in_kb: usize,
+    pub max_event_channels_at_once: usize,
+    pub max_event_batch_size: usize,
+    /// Seconds a socket has to `pusher:signin` before it is closed with 4009; 0 turns it off.
+    pub user_authentication_timeout: u64,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            key: String::new(),
+            secret: String::new(),
+            enabled: true,
+            max_connections: 0,
+            enable_client_messages: false,
+            enable_user_authentication: false,
+            enable_subscription_count: false,
+            max_client_events_per_second: 100,
+            max_presence_members_per_channel: 100,
+            max_presence_member_size_in_kb: 2,
+            max_channel_name_length: 200,
+            max_event_name_length: 200,
+            max_event_payload_in_kb: 100,
+            max_event_channels_at_once: 100,
+            max_event_batch_size: 10,
+            user_authentication_timeout: 0,
+        }
+    }
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    })
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 6001,
+            debug: false,
+            log_format: LogFormat::Text,
+            log_level: None,
+            activity_timeout: 120,
+            pong_timeout: 30,
+            max_connections: 0,
+            shutdown_grace_period: 10,
+            subscription_count_debounce_ms: 100,
+            cache: CacheConfig::default(),
+            websocket: WebSocketConfig::default(),
+            http_api: HttpApiConfig::default(),
+            adapter: AdapterConfig::default(),
+            metrics: MetricsConfig::default(),
+            app_manager: AppManagerConfig::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { ttl_seconds: 1800 }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size_kb: 64,
+            hard_max_message_size_kb: 256,
+            max_queue_kb: 1024,
+            read_buffer_size: 4096,
+            write_buffer_size: 16 * 1024,
+        }
+    }
+}
+
+impl Default for HttpApiConfig {
+    fn default() -> Self {
+        Self { max_body_kb: 1024, timestamp_tolerance_seconds: 600 }
+    }
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self { driver: AdapterDriver::Local, redis: RedisConfig::default(), nats: NatsConfig::default() }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".into(), prefix: "sockudo".into() }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self { servers: vec!["nats://127.0.0.1:4222".into()], prefix: "sockudo".into() }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            driver: "prometheus".into(),
+            host: "0.0.0.0".into(),
+            port: 9601,
+            prometheus: PrometheusConfig::default(),
+        }
+    }
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self { prefix: "sockudo_".into() }
+    }
+}
+
+impl Default for AppManagerConfig {
+    fn default() -> Self {
+        Self { driver: "config".into(), array: AppArray::default() }
+    }
+}
+
+impl Config {
+    /// The effective log filter: `log_level`, else `debug`, else `info`.
+    pub fn effective_log_level(&self) -> &str {
+        match &self.log_level {
+            Some(level) => level,
+            None if self.debug => "debug",
+            None => "info",
+        }
+    }
+
+    /// Checks values that types alone cannot; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        load::validate(self)
+    }
+}

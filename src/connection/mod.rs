@@ -1,0 +1,95 @@
+//! One task per WebSocket: the upgrade, the refusals (an error frame, then a close with the
+//! same code, so clients stop retrying a wrong key), and the session loop that reads client
+//! frames, writes the outbox and keeps the activity timer.
+
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State as AxumState};
+use axum::response::Response;
+use futures_util::SinkExt;
+
+use crate::app::App;
+use crate::protocol::{server, ProtocolError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::state::State;
+
+/// `GET /app/{key}`: upgrades, then runs the session (or refuses with a Pusher code).
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+    AxumState(state): AxumState<Arc<State>>,
+) -> Response {
+    let c = &state.config.websocket;
+    let hard = c.hard_max_message_size_kb * 1024;
+    ws.read_buffer_size(c.read_buffer_size)
+        .write_buffer_size(c.write_buffer_size)
+        // Tungstenite's own buffer may hold one more batch beyond the outbox's cap.
+        .max_write_buffer_size(c.write_buffer_size + c.max_queue_kb * 1024 + hard)
+        .max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| accept(socket, state, key, query))
+}
+
+/// The `protocol` query parameter, checked.
+fn protocol_version(query: Option<&str>) -> Result<u8, ProtocolError> {
+    let value = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "protocol")
+        .map(|(_, v)| v.into_owned())
+        .ok_or(ProtocolError::NoProtocolVersion)?;
+    let version: u8 = value.parse().map_err(|_| ProtocolError::InvalidVersionFormat)?;
+    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        Ok(version)
+    } else {
+        Err(ProtocolError::UnsupportedProtocol)
+    }
+}
+
+async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<String>) {
+    let _task = state.sockets.token();
+    let Some(app) = state.apps.find_by_key(&key).await else {
+        return refuse(ws, &state, None, ProtocolError::AppNotFound).await;
+    };
+    if !app.settings.enabled {
+        return refuse(ws, &state, Some(&app), ProtocolError::AppDisabled).await;
+    }
+    if let Err(err) = protocol_version(query.as_deref()) {
+        return refuse(ws, &state, Some(&app), err).await;
+    }
+    if state.shutdown.is_triggered() {
+        return refuse(ws, &state, Some(&app), ProtocolError::ShuttingDown).await;
+    }
+    if !state.try_acquire_connection() {
+        return refuse(ws, &state, Some(&app), ProtocolError::OverCapacity).await;
+    }
+    if !app.try_acquire_connection() {
+        state.release_connection();
+        return refuse(ws, &state, Some(&app), ProtocolError::OverQuota).await;
+    }
+    session::run(ws, &state, &app).await;
+    app.release_connection();
+    state.release_connection();
+}
+
+/// Sends the error frame and a close with the same code, within a short deadline.
+async fn refuse(mut ws: WebSocket, state: &State, app: Option<&App>, err: ProtocolError) {
+    let attrs = app.map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
+    if let Some(error_type) = err.error_type() {
+        state.metrics.connection_error(attrs, error_type);
+    }
+    tracing::info!(app_id = app.map(|a| a.id.as_str()).unwrap_or("unknown"), code = err.code(), reason = %err, "connection refused");
+    let frame = server::error(&err);
+    let bytes = frame.len() as u64;
+    let close = CloseFrame { code: err.code(), reason: Utf8Bytes::from(err.to_string()) };
+    let send = async {
+        ws.feed(Message::Text(Utf8Bytes::from(frame))).await?;
+        ws.feed(Message::Close(Some(close))).await?;
+        ws.flush().await
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), send).await {
+        state.metrics.ws_sent(attrs, 1, bytes);
+    }
+}

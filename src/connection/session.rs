@@ -1,0 +1,400 @@
+//! The session loop of one established connection. Reads, writes and timers run in one task
+//! with `select!`: reading a client frame never waits for a write to another socket, the
+//! outbox is drained into one coalesced write, and a writer stuck on a client that does not
+//! read gives up as soon as that client's queue passes its cap (or the write deadline passes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::adapter::Adapter;
+use crate::app::App;
+use crate::auth;
+use crate::channels::{AppChannels, Frame, SocketHandle, SubscribeError};
+use crate::outbox::CloseReason;
+use crate::protocol::client::ParseLimits;
+use crate::protocol::{server, ChannelKind, ChannelName, ClientEvent, CloseCode, PresenceMember, ProtocolError, SigninData};
+use crate::rate_limit::TokenBucket;
+use crate::state::State;
+use crate::telemetry::Limiter;
+
+/// Subscriptions one connection may hold; past it, subscribing is refused (4302).
+const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1000;
+
+/// How the session ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed or the TCP connection went away.
+    Gone,
+    /// The server closed it with this code.
+    Closed(u16),
+}
+
+struct Subscription {
+    channel: ChannelName,
+    /// This socket's presence user on the channel (for client events' `user_id`).
+    user_id: Option<Arc<str>>,
+}
+
+struct Session<'a> {
+    state: &'a Arc<State>,
+    app: &'a Arc<App>,
+    adapter: &'a Arc<Adapter>,
+    chans: Arc<AppChannels>,
+    handle: Arc<SocketHandle>,
+    limits: ParseLimits,
+    subs: HashMap<Arc<str>, Subscription>,
+    limiter: Option<TokenBucket>,
+    signin_deadline: Option<Instant>,
+}
+
+pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
+    let cfg = &state.config;
+    let handle = Arc::new(SocketHandle::new(state.next_socket_id(), cfg.websocket.max_queue_kb * 1024));
+    let rate = app.settings.max_client_events_per_second;
+    let mut session = Session {
+        state,
+        app,
+        adapter: &state.adapter,
+        chans: state.adapter.channels(app),
+        handle: handle.clone(),
+        limits: app.parse_limits(),
+        subs: HashMap::new(),
+        limiter: (rate > 0).then(|| TokenBucket::per_second(rate)),
+        signin_deadline: (app.settings.enable_user_authentication && app.settings.user_authentication_timeout > 0)
+            .then(|| Instant::now() + Duration::from_secs(app.settings.user_authentication_timeout)),
+    };
+    state.metrics.connection_opened(&app.attrs);
+    tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection opened");
+    handle.reply(server::connection_established(&handle.id, cfg.activity_timeout));
+    let end = session.event_loop(&mut ws).await;
+    session.cleanup();
+    state.metrics.connection_closed(&app.attrs);
+    match end {
+        End::Gone => tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection closed by the client"),
+        End::Closed(code) => tracing::debug!(app_id = %app.id, socket_id = %handle.id, code, "connection closed by the server"),
+    }
+}
+
+impl Session<'_> {
+    async fn event_loop(&mut self, ws: &mut WebSocket) -> End {
+        let cfg = &self.state.config;
+        let activity = Duration::from_secs(cfg.activity_timeout);
+        let pong_timeout = Duration::from_secs(cfg.pong_timeout);
+        let soft_limit = cfg.websocket.max_message_size_kb * 1024;
+        let mut last_seen = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let timer = tokio::time::sleep(activity);
+        tokio::pin!(timer);
+        let mut shutting_down = false;
+        let mut batch: Vec<Frame> = Vec::new();
+        loop {
+            let signin_deadline = self.signin_deadline;
+            tokio::select! {
+                biased;
+                _ = self.state.shutdown.wait(), if !shutting_down => {
+                    shutting_down = true;
+                    self.close_with(ProtocolError::ShuttingDown);
+                }
+                _ = self.handle.outbox.notified() => {
+                    if let Some(end) = self.write(ws, &mut batch, pong_timeout).await {
+                        return end;
+                    }
+                }
+                msg = ws.next() => {
+                    last_seen = Instant::now();
+                    ping_sent = None;
+                    match msg {
+                        Some(Ok(Message::Text(text))) => self.on_text(&text, soft_limit),
+                        Some(Ok(Message::Binary(data))) => {
+                            self.state.metrics.ws_received(&self.app.attrs, data.len());
+                            self.refuse(ProtocolError::InvalidMessage("binary frames are not supported".into()));
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return End::Gone,
+                        Some(Err(err)) => return self.read_failed(ws, err).await,
+                    }
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    match ping_sent {
+                        Some(sent) if now >= sent + pong_timeout => self.close_with(ProtocolError::PongTimeout),
+                        Some(sent) => timer.as_mut().reset(sent + pong_timeout),
+                        None if now >= last_seen + activity => {
+                            self.handle.reply(server::ping());
+                            ping_sent = Some(now);
+                            timer.as_mut().reset(now + pong_timeout);
+                        }
+                        None => timer.as_mut().reset(last_seen + activity),
+                    }
+                }
+                () = sleep_until_opt(signin_deadline) => {
+                    self.signin_deadline = None;
+                    if self.handle.user_id().is_none() {
+                        self.close_with(ProtocolError::Unauthorized);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes everything queued in one flush; returns how the session ends, if it does.
+    async fn write(&mut self, ws: &mut WebSocket, batch: &mut Vec<Frame>, deadline: Duration) -> Option<End> {
+        let drained = self.handle.outbox.drain(batch);
+        let mut bytes = 0u64;
+        let count = batch.len() as u64;
+        let close = drained.close.map(|reason| match reason {
+            CloseReason::SlowConsumer => {
+                let err = ProtocolError::SlowConsumer;
+                self.count_error(&err);
+                (err.code(), err.to_string())
+            }
+            CloseReason::Code(code, reason) => (code, reason),
+        });
+        let send = async {
+            for frame in batch.iter() {
+                bytes += frame.text.len() as u64;
+                ws.feed(Message::Text(frame.text.clone())).await?;
+            }
+            if let Some((code, reason)) = &close {
+                ws.feed(Message::Close(Some(CloseFrame { code: *code, reason: Utf8Bytes::from(reason.as_str()) })))
+                    .await?;
+            }
+            ws.flush().await
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(deadline, send) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone),
+                Err(_) => Err(self.slow_consumer()),
+            },
+            // The client's queue overflowed while this write was blocked on it.
+            _ = self.handle.outbox.closing(), if close.is_none() => Err(self.slow_consumer()),
+        };
+        if outcome.is_ok() && count > 0 {
+            self.state.metrics.ws_sent(&self.app.attrs, count, bytes);
+        }
+        // Dropping the frames settles their broadcasts' latency (see `Delivery`).
+        batch.clear();
+        if batch.capacity() > 256 {
+            batch.shrink_to(16);
+        }
+        match (outcome, close) {
+            (Err(end), _) => Some(end),
+            (Ok(()), Some((code, _))) => Some(End::Closed(code)),
+            (Ok(()), None) => None,
+        }
+    }
+
+    fn slow_consumer(&self) -> End {
+        let err = ProtocolError::SlowConsumer;
+        // Counted here only when the overflow was not already drained as a close reason.
+        self.count_error(&err);
+        tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "connection closed: client too slow to read");
+        End::Closed(err.code())
+    }
+
+    async fn read_failed(&self, ws: &mut WebSocket, err: axum::Error) -> End {
+        let too_big = matches!(
+            err.into_inner().downcast::<tungstenite::Error>().map(|e| *e),
+            Ok(tungstenite::Error::Capacity(_))
+        );
+        if !too_big {
+            return End::Gone;
+        }
+        let err = ProtocolError::MessageTooLarge { limit_bytes: self.state.config.websocket.hard_max_message_size_kb * 1024 };
+        self.count_error(&err);
+        let close = CloseFrame { code: CloseCode::MESSAGE_TOO_BIG, reason: Utf8Bytes::from_static("Message too big") };
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(close)))).await;
+        End::Closed(CloseCode::MESSAGE_TOO_BIG)
+    }
+
+    fn count_error(&self, err: &ProtocolError) {
+        if let Some(t) = err.error_type() {
+            self.state.metrics.connection_error(&self.app.attrs, t);
+        }
+    }
+
+    /// Sends `pusher:error`; closes the socket when the error is fatal.
+    fn refuse(&self, err: ProtocolError) {
+        if err.closes() {
+            self.close_with(err);
+        } else {
+            self.count_error(&err);
+            self.handle.reply(server::error(&err));
+        }
+    }
+
+    fn close_with(&self, err: ProtocolError) {
+        if !matches!(err, ProtocolError::ShuttingDown) {
+            self.count_error(&err);
+        }
+        self.handle.outbox.close_with(Frame::from(server::error(&err)), CloseReason::Code(err.code(), err.to_string()));
+    }
+
+    fn on_text(&mut self, text: &str, soft_limit: usize) {
+        self.state.metrics.ws_received(&self.app.attrs, text.len());
+        if text.len() > soft_limit {
+            return self.refuse(ProtocolError::MessageTooLarge { limit_bytes: soft_limit });
+        }
+        match ClientEvent::parse(text, &self.limits) {
+            Err(err) => {
+                tracing::debug!(app_id = %self.app.id, socket_id = %self.handle.id, code = err.code(), "invalid client message");
+                self.refuse(err)
+            }
+            Ok(ClientEvent::Ping) => {
+                self.handle.reply(server::pong());
+            }
+            Ok(ClientEvent::Pong) => {}
+            Ok(ClientEvent::Subscribe { channel, auth, channel_data }) => self.subscribe(channel, auth, channel_data),
+            Ok(ClientEvent::Unsubscribe { channel }) => {
+                if self.subs.remove(channel.as_str()).is_some() {
+                    self.adapter.unsubscribe(self.app, &channel, &self.handle.id);
+                }
+            }
+            Ok(ClientEvent::Signin(data)) => self.signin(data),
+            Ok(ClientEvent::Client { event, channel, data }) => self.client_event(event, channel, data),
+        }
+    }
+
+    fn subscription_error(&self, channel: &ChannelName, kind: &str, error: &str, status: u16) {
+        self.handle.reply(server::subscription_error(channel.as_str(), kind, error, status));
+    }
+
+    fn subscribe(&mut self, channel: ChannelName, auth: Option<String>, channel_data: Option<String>) {
+        if self.subs.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION && !self.subs.contains_key(channel.as_str()) {
+            return self.refuse(ProtocolError::SubscriptionRejected(format!(
+                "at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"
+            )));
+        }
+        let member = match channel.kind() {
+            ChannelKind::Public => None,
+            ChannelKind::User => {
+                if self.handle.user_id().map(|u| &**u) != channel.user_id() {
+                    return self.subscription_error(&channel, "AuthError", "Sign in as this user first", 403);
+                }
+                None
+            }
+            ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence => {
+                let presence = channel.kind() == ChannelKind::Presence;
+                let Some(auth) = auth else {
+                    return self.subscription_error(&channel, "AuthError", "auth is required for this channel", 401);
+                };
+                let data = if presence {
+                    match channel_data.as_deref() {
+                        Some(d) => Some(d),
+                        None => {
+                            return self.subscription_error(&channel, "AuthError", "channel_data is required", 400);
+                        }
+                    }
+                } else {
+                    None
+                };
+                if !auth::verify_channel(&self.app.key, self.app.secret(), &self.handle.id, channel.as_str(), data, &auth) {
+                    tracing::info!(
+                        app_id = %self.app.id,
+                        socket_id = %self.handle.id,
+                        channel_type = channel.channel_type().as_str(),
+                        "subscription authentication failed: invalid signature"
+                    );
+                    return self.subscription_error(&channel, "AuthError", "Invalid signature", 401);
+                }
+                match data {
+                    Some(d) => {
+                        let max = self.app.settings.max_presence_member_size_in_kb * 1024;
+                        match PresenceMember::parse(d, max) {
+                            Ok(m) => Some(m),
+                            Err(e) => return self.subscription_error(&channel, "InvalidChannelData", &e.to_string(), 400),
+                        }
+                    }
+                    None => None,
+                }
+            }
+        };
+        let user_id = member.as_ref().map(|m| Arc::<str>::from(m.user_id.as_str()));
+        match self.adapter.subscribe(self.app, &channel, &self.handle, member) {
+            Ok(out) => {
+                self.handle.reply(server::subscription_succeeded(channel.as_str(), &out.succeeded_data));
+                if channel.is_cache() && !out.already {
+                    match self.chans.cached(channel.as_str()) {
+                        Some(frame) => {
+                            self.handle.outbox.push_control(Frame::new(frame));
+                        }
+                        None => {
+                            self.handle.reply(server::cache_miss(channel.as_str()));
+                        }
+                    }
+                }
+                let name: Arc<str> = Arc::from(channel.as_str());
+                self.subs.insert(name, Subscription { channel, user_id });
+            }
+            Err(SubscribeError::PresenceFull(max)) => {
+                self.subscription_error(&channel, "LimitReached", &format!("presence channel is full ({max} members)"), 403)
+            }
+        }
+    }
+
+    fn signin(&mut self, data: SigninData) {
+        if !self.app.settings.enable_user_authentication {
+            return self.refuse(ProtocolError::SubscriptionRejected("user authentication is disabled for this app".into()));
+        }
+        if !auth::verify_signin(&self.app.key, self.app.secret(), &self.handle.id, &data.user_data, &data.auth) {
+            tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "signin authentication failed: invalid signature");
+            return self.refuse(ProtocolError::SubscriptionRejected("sign-in authentication failed".into()));
+        }
+        let user_id: Arc<str> = Arc::from(data.user_id.as_str());
+        if !self.handle.set_user(user_id.clone()) {
+            return self.refuse(ProtocolError::SubscriptionRejected("already signed in as another user".into()));
+        }
+        self.chans.add_user(&user_id, &self.handle);
+        self.signin_deadline = None;
+        self.handle.reply(server::signin_success(&data.user_data));
+    }
+
+    fn client_event(&mut self, event: String, channel: ChannelName, data: Box<RawValue>) {
+        let reject = |why: &str| ProtocolError::ClientEventRejected(why.to_owned());
+        if !self.app.settings.enable_client_messages {
+            return self.refuse(reject("client events are not enabled for this app"));
+        }
+        if !channel.allows_client_events() {
+            return self.refuse(reject("client events are only allowed on private and presence channels"));
+        }
+        let Some(sub) = self.subs.get(channel.as_str()) else {
+            return self.refuse(reject("not subscribed to the channel"));
+        };
+        let user_id = sub.user_id.clone();
+        if let Some(limiter) = &mut self.limiter {
+            let allowed = limiter.try_take();
+            self.state.metrics.rate_limit(&self.app.attrs, Limiter::ClientEvents, !allowed);
+            if !allowed {
+                return self.refuse(reject("rate limit exceeded"));
+            }
+        }
+        let frame = server::client_event(channel.as_str(), &event, data.get(), user_id.as_deref());
+        self.adapter.broadcast(self.app, &channel, Utf8Bytes::from(frame), Some(&self.handle.id), None);
+    }
+
+    /// Leaves every channel and the user registry; runs however the session ended.
+    fn cleanup(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            self.adapter.unsubscribe(self.app, &sub.channel, &self.handle.id);
+        }
+        if let Some(user) = self.handle.user_id() {
+            self.chans.remove_user(user, &self.handle.id);
+        }
+        // Frames still queued are dropped with the handle; make sure nobody queues more.
+        self.handle.outbox.close(CloseReason::Code(CloseCode::NORMAL, String::new()));
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,141 @@
+//! The `sockudo` binary: parses the command line, loads and validates the configuration
+//! (exit 64 with one line naming the key on error), binds the listeners and runs the server
+//! until SIGTERM or Ctrl-C.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sockudo::config::{self, Config};
+use sockudo::server::{self, Listeners};
+use sockudo::{shutdown, telemetry};
+
+/// sysexits.h EX_USAGE / EX_CONFIG family: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+const USAGE: &str = "usage: sockudo [--config FILE] [--check-config]\n\n\
+  --config FILE    JSON or TOML config layered over the embedded default\n\
+  --check-config   print the effective configuration (secrets masked) and exit\n\
+  --version        print the version";
+
+struct Args {
+    config: Option<PathBuf>,
+    check: bool,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args { config: None, check: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => args.config = Some(it.next().ok_or("--config needs a file")?.into()),
+            s if s.starts_with("--config=") => args.config = Some(s["--config=".len()..].into()),
+            "--check-config" => args.check = true,
+            "--version" | "-V" => {
+                println!("sockudo {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+async fn bind(host: &str, port: u16, key: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("invalid configuration: {key}: cannot listen on {host}:{port}: {e}"))
+}
+
+async fn listeners(config: &Config) -> Result<Listeners, String> {
+    let main = bind(&config.host, config.port, "port").await?;
+    let metrics = if config.metrics.enabled {
+        Some(bind(&config.metrics.host, config.metrics.port, "metrics.port").await?)
+    } else {
+        None
+    };
+    Ok(Listeners { main, metrics })
+}
+
+async fn signal(trigger: shutdown::ShutdownTrigger) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+    trigger.trigger();
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match config::load(args.config.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        match serde_json::to_string_pretty(&config::mask_secrets(&config)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        telemetry::logs::init(&config);
+        let listeners = match listeners(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let (trigger, stop) = shutdown::channel();
+        tokio::spawn(signal(trigger));
+        match server::run(config, listeners, stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sockudo failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

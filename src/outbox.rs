@@ -1,0 +1,229 @@
+//! A connection's send queue: bounded in bytes, with a separate lane for control frames (pongs,
+//! errors, subscription replies) so they never wait behind a broadcast flood, and a close
+//! request that the connection's writer acts on. Producers never block and never allocate
+//! beyond the cap: a push that would pass it marks the connection as a slow consumer.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+/// Anything queued reports its size in bytes.
+pub trait Weighted {
+    fn weight(&self) -> usize;
+}
+
+/// The result of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The byte cap would be passed: the item was dropped and the outbox is now closing with
+    /// [`CloseReason::SlowConsumer`].
+    Overflow,
+    /// The outbox is closing; the item was dropped.
+    Closed,
+}
+
+/// Why the writer should close the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    SlowConsumer,
+    /// A close with this code and reason (shutdown, terminate, protocol error).
+    Code(u16, String),
+}
+
+/// Control frames are few (replies to the client's own requests); past this many queued the
+/// client is not reading and is treated as a slow consumer.
+const MAX_CONTROL_ITEMS: usize = 1024;
+
+pub struct Outbox<T> {
+    state: Mutex<State<T>>,
+    notify: Notify,
+    /// Woken when a close is requested, so a writer blocked on a slow socket can give up.
+    closing: Notify,
+    cap_bytes: usize,
+}
+
+struct State<T> {
+    control: VecDeque<T>,
+    frames: VecDeque<T>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+/// What one drain took out.
+pub struct Drained {
+    /// Set once; the writer flushes what it took and then closes.
+    pub close: Option<CloseReason>,
+}
+
+impl<T: Weighted> Outbox<T> {
+    pub fn new(cap_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                control: VecDeque::new(),
+                frames: VecDeque::new(),
+                bytes: 0,
+                close: None,
+            }),
+            notify: Notify::new(),
+            closing: Notify::new(),
+            cap_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        // A panic while holding this lock cannot leave the queue inconsistent (every critical
+        // section is a plain push/pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a data frame (a broadcast or an event) under the byte cap.
+    pub fn push(&self, item: T) -> Push {
+        let result = {
+            let mut s = self.lock();
+            if s.close.is_some() {
+                Push::Closed
+            } else if s.bytes + item.weight() > self.cap_bytes {
+                s.frames.clear();
+                s.bytes = 0;
+                s.close = Some(CloseReason::SlowConsumer);
+                Push::Overflow
+            } else {
+                s.bytes += item.weight();
+                s.frames.push_back(item);
+                Push::Queued
+            }
+        };
+        if result != Push::Closed {
+            self.wake(result == Push::Overflow);
+        }
+        result
+    }
+
+    /// Queues a control frame ahead of data frames.
+    pub fn push_control(&self, item: T) -> Push {
+        let result = {
+            let mut s = self.lock();
+            if s.close.is_some() {
+                Push::Closed
+            } else if s.control.len() >= MAX_CONTROL_ITEMS {
+                s.frames.clear();
+                s.bytes = 0;
+                s.close = Some(CloseReason::SlowConsumer);
+                Push::Overflow
+            } else {
+                s.control.push_back(item);
+                Push::Queued
+            }
+        };
+        if result != Push::Closed {
+            self.wake(result == Push::Overflow);
+        }
+        result
+    }
+
+    /// Asks the writer to close; the first reason wins. Queued data frames are dropped, queued
+    /// control frames (an error frame explaining the close) are still sent.
+    pub fn close(&self, reason: CloseReason) {
+        {
+            let mut s = self.lock();
+            if s.close.is_some() {
+                return;
+            }
+            s.frames.clear();
+            s.bytes = 0;
+            s.close = Some(reason);
+        }
+        self.wake(true);
+    }
+
+    /// Queues a last control frame and closes in one step, so nothing slips in between.
+    pub fn close_with(&self, last: T, reason: CloseReason) {
+        {
+            let mut s = self.lock();
+            if s.close.is_some() {
+                return;
+            }
+            s.frames.clear();
+            s.bytes = 0;
+            s.control.push_back(last);
+            s.close = Some(reason);
+        }
+        self.wake(true);
+    }
+
+    /// Resolves once a close has been requested.
+    pub async fn closing(&self) {
+        loop {
+            let woken = self.closing.notified();
+            if self.lock().close.is_some() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    fn wake(&self, closed: bool) {
+        self.notify.notify_one();
+        if closed {
+            self.closing.notify_waiters();
+        }
+    }
+
+    /// Moves everything queued into `out` (control frames first).
+    pub fn drain(&self, out: &mut Vec<T>) -> Drained {
+        let mut s = self.lock();
+        out.extend(s.control.drain(..));
+        out.extend(s.frames.drain(..));
+        s.bytes = 0;
+        Drained { close: s.close.clone() }
+    }
+
+    /// Resolves when something was queued since the last drain (a stored permit makes a
+    /// notification that came before the wait count).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct B(usize);
+    impl Weighted for B {
+        fn weight(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn bounded_in_bytes() {
+        let o = Outbox::new(10);
+        assert_eq!(o.push(B(6)), Push::Queued);
+        assert_eq!(o.push_control(B(100)), Push::Queued);
+        assert_eq!(o.push(B(5)), Push::Overflow);
+        assert_eq!(o.push(B(1)), Push::Closed);
+        let mut out = Vec::new();
+        let d = o.drain(&mut out);
+        assert_eq!(d.close, Some(CloseReason::SlowConsumer));
+        // The control frame survives; the data frames were dropped with the overflow.
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 100);
+    }
+
+    #[test]
+    fn drain_frees_budget() {
+        let o = Outbox::new(10);
+        assert_eq!(o.push(B(10)), Push::Queued);
+        let mut out = Vec::new();
+        o.drain(&mut out);
+        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.push(B(10)), Push::Queued);
+    }
+}

@@ -1,0 +1,126 @@
+//! The composition root: `run(config, listeners, shutdown)` builds the state, serves the
+//! WebSocket + API listener and the metrics listener, and on shutdown stops accepting, closes
+//! sockets with 4200 and waits for them within the grace period.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::adapter::Adapter;
+use crate::app::AppManager;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::state::State;
+use crate::telemetry::{Telemetry, PROMETHEUS_CONTENT_TYPE};
+use crate::{api, connection};
+
+/// The bound listeners the server runs on (tests bind port 0 and pass them in).
+pub struct Listeners {
+    pub main: TcpListener,
+    /// `None` when metrics are disabled.
+    pub metrics: Option<TcpListener>,
+}
+
+/// The HTTP + WebSocket routes.
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/app/{key}", get(connection::upgrade))
+        .route("/apps/{app_id}/events", post(api::events))
+        .route("/apps/{app_id}/batch_events", post(api::batch_events))
+        .route("/apps/{app_id}/channels", get(api::channels))
+        .route("/apps/{app_id}/channels/{channel}", get(api::channel))
+        .route("/apps/{app_id}/channels/{channel}/users", get(api::channel_users))
+        .route("/apps/{app_id}/users/{user_id}/terminate_connections", post(api::terminate_user))
+        .route("/up", get(api::up))
+        .route("/up/{app_id}", get(api::up_app))
+        .route("/live", get(api::live))
+        .fallback(api::not_found)
+        .with_state(state)
+}
+
+fn metrics_router(telemetry: Arc<Telemetry>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let t = telemetry.clone();
+            async move { ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], t.render()).into_response() }
+        }),
+    )
+    .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
+}
+
+/// Runs the server until `shutdown` resolves, then drains within the grace period.
+pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let port = listeners.main.local_addr()?.port();
+    let telemetry = Arc::new(Telemetry::new(&config, port)?);
+    let metrics = telemetry.metrics.clone();
+    let apps = AppManager::from_config(&config, &metrics);
+    let adapter = Arc::new(Adapter::new(
+        metrics.clone(),
+        Duration::from_secs(config.cache.ttl_seconds),
+        Duration::from_millis(config.subscription_count_debounce_ms),
+    ));
+    let state = Arc::new(State::new(config.clone(), apps, adapter.clone(), metrics, shutdown.clone()));
+
+    let sweeper = {
+        let adapter = adapter.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => adapter.sweep_caches(),
+                    _ = shutdown.wait() => break,
+                }
+            }
+        })
+    };
+
+    let metrics_server = match listeners.metrics {
+        Some(listener) if telemetry.prometheus_enabled() => {
+            let router = metrics_router(telemetry.clone());
+            let stop = shutdown.clone();
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(async move { stop.wait().await }).await
+            }))
+        }
+        _ => None,
+    };
+
+    tracing::info!(addr = %listeners.main.local_addr()?, version = env!("CARGO_PKG_VERSION"), "sockudo listening");
+    let stop = shutdown.clone();
+    let drain_state = state.clone();
+    let main = axum::serve(listeners.main, router(state.clone())).with_graceful_shutdown(async move {
+        stop.wait().await;
+        drain_state.draining.store(true, Ordering::Release);
+    });
+    let main = tokio::spawn(async move { main.await });
+
+    shutdown.wait().await;
+    state.draining.store(true, Ordering::Release);
+    let grace = Duration::from_secs(config.shutdown_grace_period);
+    tracing::info!(connections = state.connection_count(), grace_s = grace.as_secs(), "shutting down");
+    let drained = tokio::time::timeout(grace, async {
+        state.sockets.wait_idle().await;
+        let _ = main.await;
+        if let Some(m) = metrics_server {
+            let _ = m.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
+    }
+    sweeper.abort();
+    telemetry.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}

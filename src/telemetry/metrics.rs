@@ -1,0 +1,282 @@
+//! Every instrument of the telemetry contract (`shared/reference/metrics.md`), declared here and
+//! recorded through typed calls with attribute sets built once per app ([`AppAttrs`]).
+//!
+//! OTel names carry no prefix; the Prometheus bridge adds the configured one and is told not to
+//! add `_total` or unit suffixes, so the exposed names are exactly the contract's.
+
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
+use opentelemetry::KeyValue;
+
+use crate::protocol::ChannelType;
+
+/// `error_type` values of `connection_errors_total`, in a fixed order.
+pub const ERROR_TYPES: [&str; 10] = [
+    "app_not_found",
+    "app_disabled",
+    "over_quota",
+    "over_capacity",
+    "origin_not_allowed",
+    "invalid_message",
+    "message_too_large",
+    "pong_timeout",
+    "slow_consumer",
+    "auth_timeout",
+];
+
+/// `recipient_count_bucket` values and their upper bounds.
+const RECIPIENT_BUCKETS: [(&str, usize); 5] =
+    [("xs", 10), ("sm", 100), ("md", 1000), ("lg", 10_000), ("xl", usize::MAX)];
+
+const BROADCAST_LATENCY_BUCKETS: [f64; 15] =
+    [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+const RESOLVE_TIME_BUCKETS: [f64; 13] =
+    [0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+/// A rate limiter, with its contract labels (`limiter_type`, `request_context`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limiter {
+    HttpApi,
+    WebsocketConnect,
+    ClientEvents,
+}
+
+impl Limiter {
+    const ALL: [Limiter; 3] = [Limiter::HttpApi, Limiter::WebsocketConnect, Limiter::ClientEvents];
+
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Limiter::HttpApi => ("http_api", "http_api"),
+            Limiter::WebsocketConnect => ("websocket_connect", "websocket_upgrade"),
+            Limiter::ClientEvents => ("client_events", "websocket_message"),
+        }
+    }
+}
+
+/// Attribute sets of one app, built once when the app is loaded.
+pub struct AppAttrs {
+    base: Vec<KeyValue>,
+    channel: [Vec<KeyValue>; 5],
+    errors: [Vec<KeyValue>; 10],
+    latency: [[Vec<KeyValue>; 5]; 5],
+    limiter: [Vec<KeyValue>; 3],
+}
+
+impl std::fmt::Debug for AppAttrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppAttrs").field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+/// Every instrument.
+pub struct Metrics {
+    port: u16,
+    connected: UpDownCounter<i64>,
+    new_connections: Counter<u64>,
+    new_disconnections: Counter<u64>,
+    connection_errors: Counter<u64>,
+    socket_received_bytes: Counter<u64>,
+    socket_transmitted_bytes: Counter<u64>,
+    ws_messages_received: Counter<u64>,
+    ws_messages_sent: Counter<u64>,
+    http_calls_received: Counter<u64>,
+    http_received_bytes: Counter<u64>,
+    http_transmitted_bytes: Counter<u64>,
+    channel_subscriptions: Counter<u64>,
+    channel_unsubscriptions: Counter<u64>,
+    active_channels: UpDownCounter<i64>,
+    rate_limit_checks: Counter<u64>,
+    rate_limit_triggered: Counter<u64>,
+    broadcast_latency: Histogram<f64>,
+    build_info: Gauge<u64>,
+    adapter_connected: Gauge<i64>,
+    adapter_nodes: Gauge<i64>,
+    unknown: AppAttrs,
+}
+
+impl Metrics {
+    pub fn new(meter: &Meter, port: u16) -> Self {
+        let counter = |name: &'static str, desc: &'static str| meter.u64_counter(name).with_description(desc).build();
+        let gauge = |name: &'static str, desc: &'static str| {
+            meter.i64_up_down_counter(name).with_description(desc).build()
+        };
+        let m = Self {
+            port,
+            connected: gauge("connected", "Open WebSocket connections"),
+            new_connections: counter("new_connections_total", "Connections that reached connection_established"),
+            new_disconnections: counter("new_disconnections_total", "Established connections that ended"),
+            connection_errors: counter("connection_errors_total", "Refused connections and fatal protocol errors"),
+            socket_received_bytes: counter("socket_received_bytes", "Bytes of WebSocket messages received"),
+            socket_transmitted_bytes: counter("socket_transmitted_bytes", "Bytes of WebSocket messages written"),
+            ws_messages_received: counter("ws_messages_received_total", "WebSocket messages received"),
+            ws_messages_sent: counter("ws_messages_sent_total", "WebSocket messages written to sockets"),
+            http_calls_received: counter("http_calls_received_total", "HTTP API requests received"),
+            http_received_bytes: counter("http_received_bytes", "HTTP API request body bytes"),
+            http_transmitted_bytes: counter("http_transmitted_bytes", "HTTP API response body bytes"),
+            channel_subscriptions: counter("channel_subscriptions_total", "Successful subscriptions"),
+            channel_unsubscriptions: counter("channel_unsubscriptions_total", "Subscriptions that ended"),
+            active_channels: gauge("active_channels", "Channels with at least one subscriber on this node"),
+            rate_limit_checks: counter("rate_limit_checks_total", "Rate-limit decisions taken"),
+            rate_limit_triggered: counter("rate_limit_triggered_total", "Rate-limit decisions that refused"),
+            broadcast_latency: meter
+                .f64_histogram("broadcast_latency_ms")
+                .with_description("Publish accepted to frame written to the last local recipient")
+                .with_unit("ms")
+                .with_boundaries(BROADCAST_LATENCY_BUCKETS.to_vec())
+                .build(),
+            build_info: meter.u64_gauge("build_info").with_description("The running version").build(),
+            adapter_connected: meter
+                .i64_gauge("horizontal_adapter_connected")
+                .with_description("Whether this node is connected to its adapter's broker")
+                .build(),
+            adapter_nodes: meter
+                .i64_gauge("horizontal_adapter_nodes")
+                .with_description("Nodes this node sees, itself included")
+                .build(),
+            unknown: AppAttrs::build(port, "unknown"),
+        };
+        m.build_info.record(1, &[KeyValue::new("port", port as i64), KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
+        m.register_app(&m.unknown);
+        // Declared so that the family exists with its buckets; recorded by the cluster adapter.
+        let _ = meter
+            .f64_histogram("horizontal_adapter_resolve_time")
+            .with_unit("ms")
+            .with_boundaries(RESOLVE_TIME_BUCKETS.to_vec())
+            .build();
+        m
+    }
+
+    /// Attribute sets for an app, with every counter and gauge series created at zero so that
+    /// `rate()` and absence alerts have something to read from the first scrape.
+    pub fn app_attrs(&self, app_id: &str) -> AppAttrs {
+        let attrs = AppAttrs::build(self.port, app_id);
+        self.register_app(&attrs);
+        attrs
+    }
+
+    /// The attribute set for traffic that no app was found for.
+    pub fn unknown(&self) -> &AppAttrs {
+        &self.unknown
+    }
+
+    fn register_app(&self, a: &AppAttrs) {
+        self.connected.add(0, &a.base);
+        for c in [
+            &self.new_connections,
+            &self.new_disconnections,
+            &self.socket_received_bytes,
+            &self.socket_transmitted_bytes,
+            &self.ws_messages_received,
+            &self.ws_messages_sent,
+            &self.http_calls_received,
+            &self.http_received_bytes,
+            &self.http_transmitted_bytes,
+        ] {
+            c.add(0, &a.base);
+        }
+        for e in &a.errors {
+            self.connection_errors.add(0, e);
+        }
+        for c in &a.channel {
+            self.channel_subscriptions.add(0, c);
+            self.channel_unsubscriptions.add(0, c);
+            self.active_channels.add(0, c);
+        }
+        for l in &a.limiter {
+            self.rate_limit_checks.add(0, l);
+            self.rate_limit_triggered.add(0, l);
+        }
+    }
+
+    pub fn connection_opened(&self, a: &AppAttrs) {
+        self.connected.add(1, &a.base);
+        self.new_connections.add(1, &a.base);
+    }
+
+    pub fn connection_closed(&self, a: &AppAttrs) {
+        self.connected.add(-1, &a.base);
+        self.new_disconnections.add(1, &a.base);
+    }
+
+    /// Counts a refusal under its contract `error_type` (unknown strings are not counted).
+    pub fn connection_error(&self, a: &AppAttrs, error_type: &str) {
+        if let Some(i) = ERROR_TYPES.iter().position(|t| *t == error_type) {
+            self.connection_errors.add(1, &a.errors[i]);
+        }
+    }
+
+    pub fn ws_received(&self, a: &AppAttrs, bytes: usize) {
+        self.ws_messages_received.add(1, &a.base);
+        self.socket_received_bytes.add(bytes as u64, &a.base);
+    }
+
+    /// Counts frames written to a socket, batched per write.
+    pub fn ws_sent(&self, a: &AppAttrs, messages: u64, bytes: u64) {
+        self.ws_messages_sent.add(messages, &a.base);
+        self.socket_transmitted_bytes.add(bytes, &a.base);
+    }
+
+    pub fn http_call(&self, a: &AppAttrs, request_bytes: u64, response_bytes: u64) {
+        self.http_calls_received.add(1, &a.base);
+        self.http_received_bytes.add(request_bytes, &a.base);
+        self.http_transmitted_bytes.add(response_bytes, &a.base);
+    }
+
+    pub fn subscribed(&self, a: &AppAttrs, t: ChannelType) {
+        self.channel_subscriptions.add(1, &a.channel[t.index()]);
+    }
+
+    pub fn unsubscribed(&self, a: &AppAttrs, t: ChannelType, count: u64) {
+        self.channel_unsubscriptions.add(count, &a.channel[t.index()]);
+    }
+
+    pub fn channel_occupied(&self, a: &AppAttrs, t: ChannelType) {
+        self.active_channels.add(1, &a.channel[t.index()]);
+    }
+
+    pub fn channel_vacated(&self, a: &AppAttrs, t: ChannelType) {
+        self.active_channels.add(-1, &a.channel[t.index()]);
+    }
+
+    pub fn rate_limit(&self, a: &AppAttrs, limiter: Limiter, refused: bool) {
+        let i = Limiter::ALL.iter().position(|l| *l == limiter).unwrap_or(0);
+        self.rate_limit_checks.add(1, &a.limiter[i]);
+        if refused {
+            self.rate_limit_triggered.add(1, &a.limiter[i]);
+        }
+    }
+
+    pub fn broadcast_latency(&self, a: &AppAttrs, t: ChannelType, recipients: usize, ms: f64) {
+        let b = RECIPIENT_BUCKETS.iter().position(|(_, max)| recipients <= *max).unwrap_or(4);
+        self.broadcast_latency.record(ms, &a.latency[t.index()][b]);
+    }
+
+    /// Records the adapter's broker state and the nodes it sees.
+    pub fn adapter_state(&self, adapter: &'static str, connected: bool, nodes: i64) {
+        let attrs = [KeyValue::new("port", self.port as i64), KeyValue::new("adapter", adapter)];
+        self.adapter_connected.record(i64::from(connected), &attrs);
+        self.adapter_nodes.record(nodes, &attrs);
+    }
+}
+
+impl AppAttrs {
+    fn build(port: u16, app_id: &str) -> Self {
+        let base = vec![KeyValue::new("app_id", app_id.to_owned()), KeyValue::new("port", port as i64)];
+        let with = |extra: &[KeyValue]| {
+            let mut v = base.clone();
+            v.extend_from_slice(extra);
+            v
+        };
+        let channel = ChannelType::ALL.map(|t| with(&[KeyValue::new("channel_type", t.as_str())]));
+        let errors = ERROR_TYPES.map(|e| with(&[KeyValue::new("error_type", e)]));
+        let latency = ChannelType::ALL.map(|t| {
+            RECIPIENT_BUCKETS.map(|(b, _)| {
+                with(&[KeyValue::new("channel_type", t.as_str()), KeyValue::new("recipient_count_bucket", b)])
+            })
+        });
+        let limiter = Limiter::ALL.map(|l| {
+            let (kind, ctx) = l.labels();
+            with(&[KeyValue::new("limiter_type", kind), KeyValue::new("request_context", ctx)])
+        });
+        Self { base, channel, errors, latency, limiter }
+    }
+}
