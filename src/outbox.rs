@@ -60,12 +60,7 @@ pub struct Drained {
 impl<T: Weighted> Outbox<T> {
     pub fn new(cap_bytes: usize) -> Self {
         Self {
-            state: Mutex::new(State {
-                control: VecDeque::new(),
-                frames: VecDeque::new(),
-                bytes: 0,
-                close: None,
-            }),
+            state: Mutex::new(State { control: VecDeque::new(), frames: VecDeque::new(), bytes: 0, close: None }),
             notify: Notify::new(),
             closing: Notify::new(),
             cap_bytes,

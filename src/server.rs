@@ -45,14 +45,15 @@ pub fn router(state: Arc<State>) -> Router {
 }
 
 fn metrics_router(telemetry: Arc<Telemetry>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let t = telemetry.clone();
-            async move { ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], t.render()).into_response() }
-        }),
-    )
-    .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let t = telemetry.clone();
+                async move { ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], t.render()).into_response() }
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
 }
 
 /// Runs the server until `shutdown` resolves, then drains within the grace period.

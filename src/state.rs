@@ -26,7 +26,13 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Arc<Config>, apps: AppManager, adapter: Arc<Adapter>, metrics: Arc<Metrics>, shutdown: Shutdown) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        apps: AppManager,
+        adapter: Arc<Adapter>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
             config,
             apps,

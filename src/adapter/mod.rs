@@ -47,11 +47,13 @@ impl Adapter {
         started: Option<Instant>,
     ) -> usize {
         let Some(subscribers) = self.registry.app(&app.id).snapshot(channel.as_str()) else { return 0 };
-        let recipients = subscribers.len() - usize::from(except.is_some_and(|e| subscribers.iter().any(|s| &*s.id == e)));
+        let recipients =
+            subscribers.len() - usize::from(except.is_some_and(|e| subscribers.iter().any(|s| &*s.id == e)));
         if recipients == 0 {
             return 0;
         }
-        let delivery = started.map(|t| Delivery::new(t, recipients, channel.channel_type(), app.clone(), self.metrics.clone()));
+        let delivery =
+            started.map(|t| Delivery::new(t, recipients, channel.channel_type(), app.clone(), self.metrics.clone()));
         let frame = Frame { text, delivery };
         for s in subscribers.iter() {
             if except.is_some_and(|e| *s.id == *e) {

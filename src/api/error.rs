@@ -30,7 +30,9 @@ impl ApiError {
             ApiError::AppNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::AppDisabled => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Body(BodyError::PayloadTooLarge(_)) | ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Body(BodyError::PayloadTooLarge(_)) | ApiError::PayloadTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Body(_) => StatusCode::BAD_REQUEST,
         }
     }

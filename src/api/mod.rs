@@ -58,10 +58,8 @@ fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
 /// Reads the body, refusing (413) as soon as it passes the limit rather than after buffering.
 async fn read_body(state: &State, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let limit = state.config.http_api.max_body_kb * 1024;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
@@ -103,7 +101,16 @@ async fn authenticate(
 }
 
 /// Runs `f` for an authenticated app and renders the outcome.
-async fn signed<F>(state: &State, app_id: &str, method: Method, uri: Uri, query: Option<String>, headers: HeaderMap, body: Body, f: F) -> Response
+async fn signed<F>(
+    state: &State,
+    app_id: &str,
+    method: Method,
+    uri: Uri,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    f: F,
+) -> Response
 where
     F: FnOnce(&Arc<App>, &[u8]) -> Result<Value, ApiError>,
 {
@@ -129,7 +136,12 @@ fn info_fields(info: Option<String>) -> Vec<String> {
     info.map(|i| i.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()).unwrap_or_default()
 }
 
-fn channel_attributes(state: &State, app: &App, channel: &ChannelName, info: &[String]) -> Result<Map<String, Value>, ApiError> {
+fn channel_attributes(
+    state: &State,
+    app: &App,
+    channel: &ChannelName,
+    info: &[String],
+) -> Result<Map<String, Value>, ApiError> {
     let counts = state.adapter.channels(app).info(channel);
     let mut out = Map::new();
     for field in info {
@@ -140,7 +152,9 @@ fn channel_attributes(state: &State, app: &App, channel: &ChannelName, info: &[S
             "user_count" if counts.presence => {
                 out.insert(field.clone(), json!(counts.user_count));
             }
-            "user_count" => return Err(ApiError::BadRequest("user_count is only available for presence channels".into())),
+            "user_count" => {
+                return Err(ApiError::BadRequest("user_count is only available for presence channels".into()))
+            }
             _ => {}
         }
     }
@@ -160,7 +174,15 @@ fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: Instant
 }
 
 /// `POST /apps/{app_id}/events`.
-pub async fn events(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn events(
+    AxumState(state): S,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
         let event = rest::parse_event(body, &app.publish_limits())?;
@@ -170,7 +192,15 @@ pub async fn events(AxumState(state): S, Path(app_id): Path<String>, method: Met
 }
 
 /// `POST /apps/{app_id}/batch_events`.
-pub async fn batch_events(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn batch_events(
+    AxumState(state): S,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
         let events = rest::parse_batch(body, &app.publish_limits())?;
@@ -192,7 +222,15 @@ pub async fn batch_events(AxumState(state): S, Path(app_id): Path<String>, metho
 }
 
 /// `GET /apps/{app_id}/channels`.
-pub async fn channels(AxumState(state): S, Path(app_id): Path<String>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn channels(
+    AxumState(state): S,
+    Path(app_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let prefix = query_param(q.as_deref(), "filter_by_prefix").unwrap_or_default();
     let info = info_fields(query_param(q.as_deref(), "info"));
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
@@ -225,7 +263,15 @@ fn channel_path(app: &App, name: &str) -> Result<ChannelName, ApiError> {
 }
 
 /// `GET /apps/{app_id}/channels/{channel}`.
-pub async fn channel(AxumState(state): S, Path((app_id, name)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn channel(
+    AxumState(state): S,
+    Path((app_id, name)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let info = info_fields(query_param(q.as_deref(), "info"));
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
         let channel = channel_path(app, &name)?;
@@ -238,7 +284,15 @@ pub async fn channel(AxumState(state): S, Path((app_id, name)): Path<(String, St
 }
 
 /// `GET /apps/{app_id}/channels/{channel}/users`.
-pub async fn channel_users(AxumState(state): S, Path((app_id, name)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn channel_users(
+    AxumState(state): S,
+    Path((app_id, name)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
         let channel = channel_path(app, &name)?;
         if channel.kind() != ChannelKind::Presence {
@@ -252,7 +306,15 @@ pub async fn channel_users(AxumState(state): S, Path((app_id, name)): Path<(Stri
 }
 
 /// `POST /apps/{app_id}/users/{user_id}/terminate_connections`.
-pub async fn terminate_user(AxumState(state): S, Path((app_id, user_id)): Path<(String, String)>, method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub async fn terminate_user(
+    AxumState(state): S,
+    Path((app_id, user_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
         let closed = state.adapter.terminate_user(app, &user_id);
         tracing::info!(app_id = %app.id, sockets = closed, "terminated a user's connections");

@@ -122,19 +122,15 @@ pub fn verify_api_request(
         return Err(ApiAuthError::Timestamp(tolerance_s));
     }
     match get("body_md5") {
-        Some(md5) => {
-            if !md5.eq_ignore_ascii_case(&hex::encode(Md5::digest(req.body))) {
-                return Err(ApiAuthError::BodyMd5Mismatch);
-            }
+        Some(md5) if !md5.eq_ignore_ascii_case(&hex::encode(Md5::digest(req.body))) => {
+            return Err(ApiAuthError::BodyMd5Mismatch)
         }
+        Some(_) => {}
         None if !req.body.is_empty() => return Err(ApiAuthError::BodyMd5Missing),
         None => {}
     }
-    let mut signed: Vec<(&str, &str)> = params
-        .iter()
-        .filter(|(k, _)| k != "auth_signature")
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let mut signed: Vec<(&str, &str)> =
+        params.iter().filter(|(k, _)| k != "auth_signature").map(|(k, v)| (k.as_str(), v.as_str())).collect();
     signed.sort_unstable();
     let mut canonical = String::with_capacity(req.query.len() + req.path.len() + 8);
     canonical.push_str(&req.method.to_ascii_uppercase());
@@ -178,7 +174,14 @@ mod tests {
             None,
             "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
         ));
-        assert!(!verify_channel("278d425bdf160c739803", "7ad3773142a6692b25b8", "1234.1234", "private-foobar", None, "x:y"));
+        assert!(!verify_channel(
+            "278d425bdf160c739803",
+            "7ad3773142a6692b25b8",
+            "1234.1234",
+            "private-foobar",
+            None,
+            "x:y"
+        ));
     }
 
     #[test]

@@ -232,11 +232,8 @@ impl AppChannels {
     /// Counts of one channel (zeros when nobody is subscribed here).
     pub fn info(&self, channel: &ChannelName) -> ChannelInfo {
         let inner = self.lock();
-        let (subs, users) = inner
-            .channels
-            .get(channel.as_str())
-            .map(|c| (c.subs.len(), c.members.len()))
-            .unwrap_or((0, 0));
+        let (subs, users) =
+            inner.channels.get(channel.as_str()).map(|c| (c.subs.len(), c.members.len())).unwrap_or((0, 0));
         ChannelInfo {
             name: Arc::from(channel.as_str()),
             channel_type: channel.channel_type(),
@@ -301,10 +298,7 @@ fn presence_payload(ch: &Channel) -> String {
     if ch.name.kind() != crate::protocol::ChannelKind::Presence {
         return "{}".to_owned();
     }
-    crate::protocol::server::presence_data(
-        ch.members.iter().map(|(id, m)| (&**id, m.info.get())),
-        ch.members.len(),
-    )
+    crate::protocol::server::presence_data(ch.members.iter().map(|(id, m)| (&**id, m.info.get())), ch.members.len())
 }
 
 /// Channel state of every app on this node.

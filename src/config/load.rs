@@ -25,8 +25,8 @@ impl ConfigError {
 /// Loads the effective configuration from the embedded default, an optional file and the given
 /// environment (passed in, so tests never touch the process environment), then validates it.
 pub fn load(file: Option<&Path>, environment: &HashMap<String, String>) -> Result<Config, ConfigError> {
-    let mut merged: Value = serde_json::from_str(EMBEDDED_DEFAULT)
-        .map_err(|e| ConfigError::new("embedded default", e.to_string()))?;
+    let mut merged: Value =
+        serde_json::from_str(EMBEDDED_DEFAULT).map_err(|e| ConfigError::new("embedded default", e.to_string()))?;
     if let Some(path) = file {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&shown, e.to_string()))?;
@@ -103,9 +103,10 @@ pub(crate) fn substitute(text: &str, environment: &HashMap<String, String>) -> R
 
 pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     let prefix = &c.metrics.prometheus.prefix;
-    let valid_prefix = prefix.bytes().enumerate().all(|(i, b)| {
-        b.is_ascii_alphabetic() || b == b'_' || b == b':' || (i > 0 && b.is_ascii_digit())
-    });
+    let valid_prefix = prefix
+        .bytes()
+        .enumerate()
+        .all(|(i, b)| b.is_ascii_alphabetic() || b == b'_' || b == b':' || (i > 0 && b.is_ascii_digit()));
     if !valid_prefix {
         return Err(ConfigError::new(
             "metrics.prometheus.prefix",
@@ -113,11 +114,17 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         ));
     }
     if c.metrics.driver != "prometheus" {
-        return Err(ConfigError::new("metrics.driver", format!("{:?} is not supported; use \"prometheus\"", c.metrics.driver)));
+        return Err(ConfigError::new(
+            "metrics.driver",
+            format!("{:?} is not supported; use \"prometheus\"", c.metrics.driver),
+        ));
     }
     if let Some(level) = &c.log_level {
         if tracing_subscriber::EnvFilter::try_new(level).is_err() {
-            return Err(ConfigError::new("log_level", format!("{level:?} is not error|warn|info|debug|trace or a filter")));
+            return Err(ConfigError::new(
+                "log_level",
+                format!("{level:?} is not error|warn|info|debug|trace or a filter"),
+            ));
         }
     }
     if c.activity_timeout == 0 {

@@ -18,7 +18,9 @@ use crate::auth;
 use crate::channels::{AppChannels, Frame, SocketHandle, SubscribeError};
 use crate::outbox::CloseReason;
 use crate::protocol::client::ParseLimits;
-use crate::protocol::{server, ChannelKind, ChannelName, ClientEvent, CloseCode, PresenceMember, ProtocolError, SigninData};
+use crate::protocol::{
+    server, ChannelKind, ChannelName, ClientEvent, CloseCode, PresenceMember, ProtocolError, SigninData,
+};
 use crate::rate_limit::TokenBucket;
 use crate::state::State;
 use crate::telemetry::Limiter;
@@ -77,7 +79,9 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
     state.metrics.connection_closed(&app.attrs);
     match end {
         End::Gone => tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection closed by the client"),
-        End::Closed(code) => tracing::debug!(app_id = %app.id, socket_id = %handle.id, code, "connection closed by the server"),
+        End::Closed(code) => {
+            tracing::debug!(app_id = %app.id, socket_id = %handle.id, code, "connection closed by the server")
+        }
     }
 }
 
@@ -207,7 +211,8 @@ impl Session<'_> {
         if !too_big {
             return End::Gone;
         }
-        let err = ProtocolError::MessageTooLarge { limit_bytes: self.state.config.websocket.hard_max_message_size_kb * 1024 };
+        let err =
+            ProtocolError::MessageTooLarge { limit_bytes: self.state.config.websocket.hard_max_message_size_kb * 1024 };
         self.count_error(&err);
         let close = CloseFrame { code: CloseCode::MESSAGE_TOO_BIG, reason: Utf8Bytes::from_static("Message too big") };
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(Message::Close(Some(close)))).await;
@@ -258,7 +263,7 @@ impl Session<'_> {
                 }
             }
             Ok(ClientEvent::Signin(data)) => self.signin(data),
-            Ok(ClientEvent::Client { event, channel, data }) => self.client_event(event, channel, data),
+            Ok(ClientEvent::Client { event, channel, data }) => self.client_event(event, channel, &data),
         }
     }
 
@@ -295,7 +300,14 @@ impl Session<'_> {
                 } else {
                     None
                 };
-                if !auth::verify_channel(&self.app.key, self.app.secret(), &self.handle.id, channel.as_str(), data, &auth) {
+                if !auth::verify_channel(
+                    &self.app.key,
+                    self.app.secret(),
+                    &self.handle.id,
+                    channel.as_str(),
+                    data,
+                    &auth,
+                ) {
                     tracing::info!(
                         app_id = %self.app.id,
                         socket_id = %self.handle.id,
@@ -309,7 +321,9 @@ impl Session<'_> {
                         let max = self.app.settings.max_presence_member_size_in_kb * 1024;
                         match PresenceMember::parse(d, max) {
                             Ok(m) => Some(m),
-                            Err(e) => return self.subscription_error(&channel, "InvalidChannelData", &e.to_string(), 400),
+                            Err(e) => {
+                                return self.subscription_error(&channel, "InvalidChannelData", &e.to_string(), 400)
+                            }
                         }
                     }
                     None => None,
@@ -333,15 +347,19 @@ impl Session<'_> {
                 let name: Arc<str> = Arc::from(channel.as_str());
                 self.subs.insert(name, Subscription { channel, user_id });
             }
-            Err(SubscribeError::PresenceFull(max)) => {
-                self.subscription_error(&channel, "LimitReached", &format!("presence channel is full ({max} members)"), 403)
-            }
+            Err(SubscribeError::PresenceFull(max)) => self.subscription_error(
+                &channel,
+                "LimitReached",
+                &format!("presence channel is full ({max} members)"),
+                403,
+            ),
         }
     }
 
     fn signin(&mut self, data: SigninData) {
         if !self.app.settings.enable_user_authentication {
-            return self.refuse(ProtocolError::SubscriptionRejected("user authentication is disabled for this app".into()));
+            return self
+                .refuse(ProtocolError::SubscriptionRejected("user authentication is disabled for this app".into()));
         }
         if !auth::verify_signin(&self.app.key, self.app.secret(), &self.handle.id, &data.user_data, &data.auth) {
             tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "signin authentication failed: invalid signature");
@@ -356,7 +374,7 @@ impl Session<'_> {
         self.handle.reply(server::signin_success(&data.user_data));
     }
 
-    fn client_event(&mut self, event: String, channel: ChannelName, data: Box<RawValue>) {
+    fn client_event(&mut self, event: String, channel: ChannelName, data: &RawValue) {
         let reject = |why: &str| ProtocolError::ClientEventRejected(why.to_owned());
         if !self.app.settings.enable_client_messages {
             return self.refuse(reject("client events are not enabled for this app"));

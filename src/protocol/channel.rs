@@ -112,10 +112,7 @@ impl ChannelName {
 
     /// Whether subscribing needs an `auth` signature.
     pub fn requires_auth(&self) -> bool {
-        matches!(
-            self.kind,
-            ChannelKind::Private | ChannelKind::Presence | ChannelKind::PrivateEncrypted
-        )
+        matches!(self.kind, ChannelKind::Private | ChannelKind::Presence | ChannelKind::PrivateEncrypted)
     }
 
     /// Whether `client-` events may be sent on it (Pusher: private and presence, not encrypted).

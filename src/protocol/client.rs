@@ -111,9 +111,8 @@ impl ClientEvent {
     pub fn parse(text: &str, limits: &ParseLimits) -> Result<Self, ProtocolError> {
         let frame: RawFrame<'_> =
             serde_json::from_str(text).map_err(|e| invalid(format!("malformed JSON: {}", short(&e))))?;
-        let channel_of = |name: &str| {
-            ChannelName::parse(name, limits.max_channel_name_len).map_err(|e| invalid(e.to_string()))
-        };
+        let channel_of =
+            |name: &str| ChannelName::parse(name, limits.max_channel_name_len).map_err(|e| invalid(e.to_string()));
         match frame.event.as_ref() {
             "pusher:ping" => Ok(Self::Ping),
             "pusher:pong" => Ok(Self::Pong),
@@ -141,13 +140,10 @@ impl ClientEvent {
                         limits.max_event_name_len
                     )));
                 }
-                let channel = frame
-                    .channel
-                    .ok_or_else(|| ProtocolError::ClientEventRejected("no channel given".into()))?;
+                let channel =
+                    frame.channel.ok_or_else(|| ProtocolError::ClientEventRejected("no channel given".into()))?;
                 let channel = channel_of(&channel)?;
-                let data = frame
-                    .data
-                    .ok_or_else(|| ProtocolError::ClientEventRejected("no data given".into()))?;
+                let data = frame.data.ok_or_else(|| ProtocolError::ClientEventRejected("no data given".into()))?;
                 if data.get().len() > limits.max_client_payload_bytes {
                     return Err(ProtocolError::ClientEventRejected(format!(
                         "payload larger than {} bytes",
@@ -170,8 +166,8 @@ fn parse_user_id(user_data: &str) -> Result<String, ProtocolError> {
     struct UserData {
         id: serde_json::Value,
     }
-    let parsed: UserData = serde_json::from_str(user_data)
-        .map_err(|_| invalid("user_data must be a JSON object with an id"))?;
+    let parsed: UserData =
+        serde_json::from_str(user_data).map_err(|_| invalid("user_data must be a JSON object with an id"))?;
     match parsed.id {
         serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Ok(s),
         _ => Err(invalid("user_data id must be a non-empty string")),

@@ -173,27 +173,36 @@ mod tests {
 
     #[test]
     fn events() {
-        let e = parse_event(br#"{"name":"a","data":"{\"x\":1}","channels":["c1","c2"],"socket_id":"1.2"}"#, &L)
-            .unwrap();
+        let e =
+            parse_event(br#"{"name":"a","data":"{\"x\":1}","channels":["c1","c2"],"socket_id":"1.2"}"#, &L).unwrap();
         assert_eq!(e.data, "{\"x\":1}");
         assert_eq!(e.channels.len(), 2);
         let e = parse_event(br#"{"name":"a","data":{"x":1},"channel":"c"}"#, &L).unwrap();
         assert_eq!(e.data, "{\"x\":1}");
         assert_eq!(parse_event(br#"{"name":"a","data":1,"channel":"c"}"#, &L).unwrap_err(), BodyError::DataType);
-        assert!(matches!(parse_event(br#"{"name":"a","data":"x","channel":"a b"}"#, &L), Err(BodyError::Channel { .. })));
+        assert!(matches!(
+            parse_event(br#"{"name":"a","data":"x","channel":"a b"}"#, &L),
+            Err(BodyError::Channel { .. })
+        ));
         assert_eq!(
             parse_event(br#"{"name":"a","data":"x","channels":["a","b","c","d"]}"#, &L).unwrap_err(),
             BodyError::TooManyChannels(3)
         );
         let big = format!(r#"{{"name":"a","data":"{}","channel":"c"}}"#, "x".repeat(101));
         assert_eq!(parse_event(big.as_bytes(), &L).unwrap_err(), BodyError::PayloadTooLarge(100));
-        assert_eq!(parse_event(br#"{"name":"a","data":"x","channel":"c","socket_id":"x"}"#, &L).unwrap_err(), BodyError::SocketId);
+        assert_eq!(
+            parse_event(br#"{"name":"a","data":"x","channel":"c","socket_id":"x"}"#, &L).unwrap_err(),
+            BodyError::SocketId
+        );
     }
 
     #[test]
     fn batches() {
-        let b = parse_batch(br#"{"batch":[{"name":"a","data":"1","channel":"c"},{"name":"b","data":"2","channel":"d"}]}"#, &L)
-            .unwrap();
+        let b = parse_batch(
+            br#"{"batch":[{"name":"a","data":"1","channel":"c"},{"name":"b","data":"2","channel":"d"}]}"#,
+            &L,
+        )
+        .unwrap();
         assert_eq!(b.len(), 2);
         assert_eq!(parse_batch(br#"{"batch":[]}"#, &L).unwrap_err(), BodyError::BatchSize(2));
     }

@@ -111,10 +111,7 @@ pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -
     data.push_str(",\"status\":");
     data.push_str(&status.to_string());
     data.push('}');
-    Frame::new("pusher:subscription_error", channel.len() + data.len())
-        .channel(channel)
-        .data_raw(&data)
-        .finish()
+    Frame::new("pusher:subscription_error", channel.len() + data.len()).channel(channel).data_raw(&data).finish()
 }
 
 /// The presence part of `subscription_succeeded`: `{"presence":{"ids":[..],"hash":{..},"count":n}}`.
@@ -142,20 +139,14 @@ pub fn member_added(channel: &str, user_id: &str, user_info: &str) -> String {
     data.push_str(",\"user_info\":");
     data.push_str(user_info);
     data.push('}');
-    Frame::new("pusher_internal:member_added", channel.len() + data.len())
-        .channel(channel)
-        .data_str(&data)
-        .finish()
+    Frame::new("pusher_internal:member_added", channel.len() + data.len()).channel(channel).data_str(&data).finish()
 }
 
 pub fn member_removed(channel: &str, user_id: &str) -> String {
     let mut data = String::from("{\"user_id\":");
     push_json_str(&mut data, user_id);
     data.push('}');
-    Frame::new("pusher_internal:member_removed", channel.len() + data.len())
-        .channel(channel)
-        .data_str(&data)
-        .finish()
+    Frame::new("pusher_internal:member_removed", channel.len() + data.len()).channel(channel).data_str(&data).finish()
 }
 
 /// An event published through the HTTP API: `data` is the string the publisher gave.

@@ -13,12 +13,7 @@ pub fn init(config: &Config) {
         .unwrap_or_else(|| EnvFilter::new(config.effective_log_level()));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     let result = match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     // An error only means a subscriber is already installed.

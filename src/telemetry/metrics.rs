@@ -96,9 +96,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(meter: &Meter, port: u16) -> Self {
         let counter = |name: &'static str, desc: &'static str| meter.u64_counter(name).with_description(desc).build();
-        let gauge = |name: &'static str, desc: &'static str| {
-            meter.i64_up_down_counter(name).with_description(desc).build()
-        };
+        let gauge =
+            |name: &'static str, desc: &'static str| meter.i64_up_down_counter(name).with_description(desc).build();
         let m = Self {
             port,
             connected: gauge("connected", "Open WebSocket connections"),
@@ -134,7 +133,8 @@ impl Metrics {
                 .build(),
             unknown: AppAttrs::build(port, "unknown"),
         };
-        m.build_info.record(1, &[KeyValue::new("port", port as i64), KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
+        m.build_info
+            .record(1, &[KeyValue::new("port", port as i64), KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
         m.register_app(&m.unknown);
         // Declared so that the family exists with its buckets; recorded by the cluster adapter.
         let _ = meter

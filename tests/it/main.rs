@@ -1,0 +1,10 @@
+//! The one integration-test binary: every test starts a real server in-process on port 0 and
+//! talks to it over real sockets (raw frames, the signed API, and the real Pusher clients).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod clients;
+mod config;
+mod protocol;
+mod support;
