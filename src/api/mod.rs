@@ -161,6 +161,15 @@ fn channel_attributes(
     Ok(out)
 }
 
+/// Refuses `info` attributes a channel cannot have, before anything is published.
+fn check_info(event: &PublishEvent) -> Result<(), ApiError> {
+    let wants_users = event.info.iter().any(|f| f == "user_count");
+    if wants_users && event.channels.iter().any(|c| c.kind() != ChannelKind::Presence) {
+        return Err(ApiError::BadRequest("user_count is only available for presence channels".into()));
+    }
+    Ok(())
+}
+
 fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: Instant) -> Result<Value, ApiError> {
     state.adapter.publish(app, event, started);
     if event.info.is_empty() {
@@ -186,6 +195,7 @@ pub async fn events(
     let started = Instant::now();
     signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
         let event = rest::parse_event(body, &app.publish_limits())?;
+        check_info(&event)?;
         publish(&state, app, &event, started)
     })
     .await
@@ -204,6 +214,8 @@ pub async fn batch_events(
     let started = Instant::now();
     signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
         let events = rest::parse_batch(body, &app.publish_limits())?;
+        // The whole batch is checked before any of it is published.
+        events.iter().try_for_each(check_info)?;
         let mut infos = Vec::with_capacity(events.len());
         let mut any_info = false;
         for event in &events {

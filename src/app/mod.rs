@@ -72,6 +72,25 @@ impl App {
             .is_ok()
     }
 
+    /// Whether a WebSocket with this `Origin` header may connect. Requests without the header
+    /// (non-browser clients) are allowed: the check protects browsers, it is not authentication.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let allowed = &self.settings.allowed_origins;
+        let Some(origin) = origin else { return true };
+        if allowed.is_empty() {
+            return true;
+        }
+        let host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+        allowed.iter().any(|pattern| {
+            pattern == "*"
+                || pattern == origin
+                || pattern == host
+                || pattern
+                    .strip_prefix("*.")
+                    .is_some_and(|suffix| host.strip_suffix(suffix).is_some_and(|rest| rest.ends_with('.')))
+        })
+    }
+
     pub fn release_connection(&self) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
     }

@@ -16,6 +16,9 @@ use serde_json::value::RawValue;
 
 use crate::protocol::{ChannelName, ChannelType, PresenceMember};
 
+/// Cache channels per app whose last event is kept at once.
+pub const MAX_CACHED_CHANNELS: usize = 100_000;
+
 /// The subscribers of a channel at one moment, shared by every broadcast until it changes.
 pub type Snapshot = Arc<[Arc<SocketHandle>]>;
 
@@ -201,10 +204,20 @@ impl AppChannels {
         )
     }
 
-    /// Keeps `frame` as the channel's last event (cache channels).
+    /// Keeps `frame` as the channel's last event (cache channels). The map is bounded: past
+    /// [`MAX_CACHED_CHANNELS`] expired entries are swept, then an arbitrary one is evicted.
     pub fn set_cache(&self, channel: &str, frame: Utf8Bytes) {
         let mut inner = self.lock();
-        let expires = Instant::now() + self.cache_ttl;
+        let now = Instant::now();
+        if inner.cache.len() >= MAX_CACHED_CHANNELS && !inner.cache.contains_key(channel) {
+            inner.cache.retain(|_, (_, expires)| *expires > now);
+            if inner.cache.len() >= MAX_CACHED_CHANNELS {
+                if let Some(victim) = inner.cache.keys().next().cloned() {
+                    inner.cache.remove(&victim);
+                }
+            }
+        }
+        let expires = now + self.cache_ttl;
         inner.cache.insert(Arc::from(channel), (frame, expires));
     }
 

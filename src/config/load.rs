@@ -103,10 +103,11 @@ pub(crate) fn substitute(text: &str, environment: &HashMap<String, String>) -> R
 
 pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     let prefix = &c.metrics.prometheus.prefix;
-    let valid_prefix = prefix
-        .bytes()
-        .enumerate()
-        .all(|(i, b)| b.is_ascii_alphabetic() || b == b'_' || b == b':' || (i > 0 && b.is_ascii_digit()));
+    let valid_prefix = !prefix.is_empty()
+        && prefix
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_alphabetic() || b == b'_' || b == b':' || (i > 0 && b.is_ascii_digit()));
     if !valid_prefix {
         return Err(ConfigError::new(
             "metrics.prometheus.prefix",
@@ -139,6 +140,9 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
             "websocket.hard_max_message_size_kb",
             "must be at least websocket.max_message_size_kb, which must be above 0",
         ));
+    }
+    if ws.write_timeout_seconds == 0 {
+        return Err(ConfigError::new("websocket.write_timeout_seconds", "must be at least 1 second"));
     }
     if ws.max_queue_kb == 0 {
         return Err(ConfigError::new("websocket.max_queue_kb", "must be above 0"));

@@ -69,6 +69,8 @@ pub struct WebSocketConfig {
     pub read_buffer_size: usize,
     /// Outgoing frames are buffered up to this before a write is forced.
     pub write_buffer_size: usize,
+    /// A write to a socket that takes longer than this closes it as a slow consumer (4100).
+    pub write_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +182,9 @@ pub struct AppConfig {
     pub max_event_batch_size: usize,
     /// Seconds a socket has to `pusher:signin` before it is closed with 4009; 0 turns it off.
     pub user_authentication_timeout: u64,
+    /// Browser origins allowed to connect (`https://app.example.com`, `*.example.com`, `*`);
+    /// empty allows every origin. Others are refused with 4009.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for AppConfig {
@@ -202,6 +207,7 @@ impl Default for AppConfig {
             max_event_channels_at_once: 100,
             max_event_batch_size: 10,
             user_authentication_timeout: 0,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -256,6 +262,7 @@ impl Default for WebSocketConfig {
             max_queue_kb: 1024,
             read_buffer_size: 4096,
             write_buffer_size: 16 * 1024,
+            write_timeout_seconds: 10,
         }
     }
 }

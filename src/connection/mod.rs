@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State as AxumState};
+use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use futures_util::SinkExt;
 
@@ -21,8 +22,10 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     AxumState(state): AxumState<Arc<State>>,
 ) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let c = &state.config.websocket;
     let hard = c.hard_max_message_size_kb * 1024;
     ws.read_buffer_size(c.read_buffer_size)
@@ -31,7 +34,7 @@ pub async fn upgrade(
         .max_write_buffer_size(c.write_buffer_size + c.max_queue_kb * 1024 + hard)
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| accept(socket, state, key, query))
+        .on_upgrade(move |socket| accept(socket, state, key, query, origin))
 }
 
 /// The `protocol` query parameter, checked.
@@ -48,13 +51,16 @@ fn protocol_version(query: Option<&str>) -> Result<u8, ProtocolError> {
     }
 }
 
-async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<String>) {
+async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<String>, origin: Option<String>) {
     let _task = state.sockets.token();
     let Some(app) = state.apps.find_by_key(&key).await else {
         return refuse(ws, &state, None, ProtocolError::AppNotFound).await;
     };
     if !app.settings.enabled {
         return refuse(ws, &state, Some(&app), ProtocolError::AppDisabled).await;
+    }
+    if !app.origin_allowed(origin.as_deref()) {
+        return refuse(ws, &state, Some(&app), ProtocolError::OriginNotAllowed).await;
     }
     if let Err(err) = protocol_version(query.as_deref()) {
         return refuse(ws, &state, Some(&app), err).await;

@@ -90,6 +90,7 @@ impl Session<'_> {
         let cfg = &self.state.config;
         let activity = Duration::from_secs(cfg.activity_timeout);
         let pong_timeout = Duration::from_secs(cfg.pong_timeout);
+        let write_timeout = Duration::from_secs(cfg.websocket.write_timeout_seconds);
         let soft_limit = cfg.websocket.max_message_size_kb * 1024;
         let mut last_seen = Instant::now();
         let mut ping_sent: Option<Instant> = None;
@@ -106,7 +107,7 @@ impl Session<'_> {
                     self.close_with(ProtocolError::ShuttingDown);
                 }
                 _ = self.handle.outbox.notified() => {
-                    if let Some(end) = self.write(ws, &mut batch, pong_timeout).await {
+                    if let Some(end) = self.write(ws, &mut batch, write_timeout).await {
                         return end;
                     }
                 }
@@ -171,11 +172,14 @@ impl Session<'_> {
             }
             ws.flush().await
         };
+        let closing_code = close.as_ref().map(|(code, _)| *code);
         let outcome = tokio::select! {
-            r = tokio::time::timeout(deadline, send) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::Gone),
-                Err(_) => Err(self.slow_consumer()),
+            r = tokio::time::timeout(deadline, send) => match (r, closing_code) {
+                (Ok(Ok(())), _) => Ok(()),
+                (Ok(Err(_)), _) => Err(End::Gone),
+                // Already closing for another reason (or already counted as slow): give up.
+                (Err(_), Some(code)) => Err(End::Closed(code)),
+                (Err(_), None) => Err(self.slow_consumer()),
             },
             // The client's queue overflowed while this write was blocked on it.
             _ = self.handle.outbox.closing(), if close.is_none() => Err(self.slow_consumer()),
@@ -195,9 +199,9 @@ impl Session<'_> {
         }
     }
 
+    /// A write that could not complete: the client is not reading.
     fn slow_consumer(&self) -> End {
         let err = ProtocolError::SlowConsumer;
-        // Counted here only when the overflow was not already drained as a close reason.
         self.count_error(&err);
         tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "connection closed: client too slow to read");
         End::Closed(err.code())

@@ -13,8 +13,6 @@ pub enum ProtocolError {
     AppDisabled,
     /// 4004: the app is at its connection quota.
     OverQuota,
-    /// 4005: the path is not `/app/{key}`.
-    PathNotFound,
     /// 4006: the `protocol` query parameter is not a number.
     InvalidVersionFormat,
     /// 4007: a protocol version this server does not speak.
@@ -23,6 +21,8 @@ pub enum ProtocolError {
     NoProtocolVersion,
     /// 4009: the connection did not sign in within the app's user-authentication timeout.
     Unauthorized,
+    /// 4009: the `Origin` header is not in the app's `allowed_origins`.
+    OriginNotAllowed,
     /// 4009: the app terminated this user's connections through the API.
     Terminated,
     /// 4100: the node is at `max_connections`.
@@ -50,11 +50,10 @@ impl ProtocolError {
             Self::AppNotFound => 4001,
             Self::AppDisabled => 4003,
             Self::OverQuota => 4004,
-            Self::PathNotFound => 4005,
             Self::InvalidVersionFormat => 4006,
             Self::UnsupportedProtocol => 4007,
             Self::NoProtocolVersion => 4008,
-            Self::Unauthorized | Self::Terminated => 4009,
+            Self::Unauthorized | Self::Terminated | Self::OriginNotAllowed => 4009,
             Self::OverCapacity => 4100,
             Self::SlowConsumer => 4100,
             Self::ShuttingDown => 4200,
@@ -72,12 +71,12 @@ impl ProtocolError {
             Self::AppNotFound
             | Self::AppDisabled
             | Self::OverQuota
-            | Self::PathNotFound
             | Self::InvalidVersionFormat
             | Self::UnsupportedProtocol
             | Self::NoProtocolVersion
             | Self::Unauthorized
             | Self::Terminated
+            | Self::OriginNotAllowed
             | Self::OverCapacity
             | Self::SlowConsumer
             | Self::ShuttingDown
@@ -92,7 +91,8 @@ impl ProtocolError {
     /// The `error_type` label of `connection_errors_total` this refusal counts under, if any.
     pub fn error_type(&self) -> Option<&'static str> {
         match self {
-            Self::AppNotFound | Self::PathNotFound => Some("app_not_found"),
+            Self::AppNotFound => Some("app_not_found"),
+            Self::OriginNotAllowed => Some("origin_not_allowed"),
             Self::AppDisabled => Some("app_disabled"),
             Self::OverQuota => Some("over_quota"),
             Self::OverCapacity => Some("over_capacity"),
@@ -117,7 +117,7 @@ impl fmt::Display for ProtocolError {
             Self::AppNotFound => f.write_str("Application does not exist"),
             Self::AppDisabled => f.write_str("Application disabled"),
             Self::OverQuota => f.write_str("Application is over connection quota"),
-            Self::PathNotFound => f.write_str("Path not found; connect to /app/{key}"),
+            Self::OriginNotAllowed => f.write_str("Origin not allowed for this app"),
             Self::InvalidVersionFormat => f.write_str("Invalid version string format"),
             Self::UnsupportedProtocol => f.write_str("Unsupported protocol version"),
             Self::NoProtocolVersion => f.write_str("No protocol version supplied"),

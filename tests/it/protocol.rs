@@ -368,3 +368,30 @@ async fn shutdown_closes_sockets_with_4200_and_up_turns_503() {
     server.stop().await;
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn allowed_origins_refuse_other_browsers_with_4009() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = TestServer::start_with(|c| {
+        c.app_manager.array.apps[0].allowed_origins = vec!["https://good.example".into(), "*.trusted.example".into()];
+    })
+    .await;
+    let open = |origin: &'static str| {
+        let mut req = server.ws_url(KEY, "protocol=7").into_client_request().unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        async move { tokio_tungstenite::connect_async(req).await.unwrap().0 }
+    };
+    for ok in ["https://good.example", "https://a.trusted.example"] {
+        let mut ws = open(ok).await;
+        assert_eq!(next_json(&mut ws).await["event"], "pusher:connection_established", "{ok}");
+    }
+    let mut ws = open("https://evil.example").await;
+    let frame = next_json(&mut ws).await;
+    assert_eq!(frame["data"]["code"], 4009);
+    assert_eq!(Client { ws, socket_id: String::new() }.closed().await, Closed::Code(4009));
+    let refused = server
+        .metric("sockudo_connection_errors_total", &[("app_id", APP_ID), ("error_type", "origin_not_allowed")])
+        .await;
+    assert_eq!(refused, Some(1.0));
+    server.stop().await;
+}
