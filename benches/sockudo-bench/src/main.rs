@@ -1,0 +1,2 @@
+//! sockudo-bench: the Pusher load generator (in progress).
+fn main() {}
