@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use sockudo::config::{self, Config};
 use sockudo::server::{self, Listeners};
-use sockudo::{shutdown, telemetry};
+use sockudo::shutdown;
 
 /// sysexits.h EX_USAGE / EX_CONFIG family: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -120,7 +120,6 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        telemetry::logs::init(&config);
         let listeners = match listeners(&config).await {
             Ok(l) => l,
             Err(e) => {

@@ -41,6 +41,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/up/{app_id}", get(api::up_app))
         .route("/live", get(api::live))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn(crate::telemetry::trace::http_span))
         .with_state(state)
 }
 
@@ -60,7 +61,10 @@ fn metrics_router(telemetry: Arc<Telemetry>) -> Router {
 pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let port = listeners.main.local_addr()?.port();
-    let telemetry = Arc::new(Telemetry::new(&config, port)?);
+    let node_id = format!("{:016x}", fastrand::u64(..));
+    let telemetry = Telemetry::new(&config, port, &node_id)?;
+    telemetry.install_logging(&config);
+    let telemetry = Arc::new(telemetry);
     let metrics = telemetry.metrics.clone();
     let apps = AppManager::from_config(&config, &metrics);
     let adapter = Arc::new(Adapter::new(
@@ -121,7 +125,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
-    telemetry.shutdown();
+    drop(state);
+    match Arc::try_unwrap(telemetry) {
+        Ok(t) => t.shutdown().await,
+        Err(_) => tracing::debug!("telemetry still referenced; skipping the final flush"),
+    }
     tracing::info!("stopped");
     Ok(())
 }

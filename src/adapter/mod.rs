@@ -69,11 +69,22 @@ impl Adapter {
     /// same bytes for every recipient.
     pub fn publish(&self, app: &Arc<App>, event: &PublishEvent, started: Instant) {
         for channel in &event.channels {
+            let span = tracing::info_span!(
+                "broadcast",
+                sockudo.app_id = %app.id,
+                sockudo.channel = channel.as_str(),
+                sockudo.channel_type = channel.channel_type().as_str(),
+                sockudo.event = %event.name,
+                sockudo.recipients = tracing::field::Empty,
+            );
+            let _entered = span.enter();
             let text = Utf8Bytes::from(server::event(channel.as_str(), &event.name, &event.data));
             if channel.is_cache() {
                 self.registry.app(&app.id).set_cache(channel.as_str(), text.clone());
             }
-            self.broadcast(app, channel, text, event.socket_id.as_deref(), Some(started));
+            let recipients = self.broadcast(app, channel, text, event.socket_id.as_deref(), Some(started));
+            span.record("sockudo.recipients", recipients);
+            tracing::debug!(recipients, "broadcast queued for local sockets");
         }
     }
 

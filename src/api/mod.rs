@@ -80,6 +80,7 @@ async fn authenticate(
     body: &[u8],
 ) -> Result<Arc<App>, (Option<Arc<App>>, ApiError)> {
     let app = state.apps.find_by_id(app_id).await.ok_or((None, ApiError::AppNotFound))?;
+    tracing::Span::current().record("sockudo.app_id", app.id.as_str());
     let req = SignedRequest { method: method.as_str(), path: uri.path(), query: query.unwrap_or(""), body };
     if let Err(e) = auth::verify_api_request(
         &app.key,

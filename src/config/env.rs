@@ -22,6 +22,41 @@ fn parse_bool(value: &str, var: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// The standard `OTEL_*` variables.
+fn apply_otel(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let o = &mut c.otel;
+    if let Some((v, k)) = get(e, &["OTEL_SDK_DISABLED"]) {
+        o.sdk_disabled = parse_bool(v, &k)?;
+    }
+    let strings: [(&str, &mut String); 13] = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &mut o.endpoint),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &mut o.traces_endpoint),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", &mut o.metrics_endpoint),
+        ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &mut o.logs_endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", &mut o.protocol),
+        ("OTEL_EXPORTER_OTLP_HEADERS", &mut o.headers),
+        ("OTEL_SERVICE_NAME", &mut o.service_name),
+        ("OTEL_RESOURCE_ATTRIBUTES", &mut o.resource_attributes),
+        ("OTEL_TRACES_EXPORTER", &mut o.traces_exporter),
+        ("OTEL_METRICS_EXPORTER", &mut o.metrics_exporter),
+        ("OTEL_LOGS_EXPORTER", &mut o.logs_exporter),
+        ("OTEL_TRACES_SAMPLER", &mut o.traces_sampler),
+        ("OTEL_TRACES_SAMPLER_ARG", &mut o.traces_sampler_arg),
+    ];
+    for (var, slot) in strings {
+        if let Some((v, _)) = get(e, &[var]) {
+            *slot = v.trim().to_owned();
+        }
+    }
+    if let Some((v, k)) = get(e, &["OTEL_METRIC_EXPORT_INTERVAL"]) {
+        o.metric_export_interval_ms = parse(v, &k, "a number of milliseconds")?;
+    }
+    if let Some((v, k)) = get(e, &["OTEL_EXPORTER_OTLP_TIMEOUT"]) {
+        o.export_timeout_ms = parse(v, &k, "a number of milliseconds")?;
+    }
+    Ok(())
+}
+
 /// Applies the environment over `c`.
 pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigError> {
     if let Some((v, _)) = get(e, &["HOST"]) {
@@ -81,6 +116,7 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
     if let Some((v, _)) = get(e, &["NATS_SERVERS"]) {
         c.adapter.nats.servers = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
     }
+    apply_otel(c, e)?;
     let default_app = [
         get(e, &["SOCKUDO_DEFAULT_APP_ID"]),
         get(e, &["SOCKUDO_DEFAULT_APP_KEY"]),

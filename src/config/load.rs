@@ -114,11 +114,47 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
             format!("{prefix:?} must match [a-zA-Z_:][a-zA-Z0-9_:]*"),
         ));
     }
-    if c.metrics.driver != "prometheus" {
+    if !c.metrics.driver.split(',').all(|d| matches!(d.trim(), "prometheus" | "otlp")) {
         return Err(ConfigError::new(
             "metrics.driver",
-            format!("{:?} is not supported; use \"prometheus\"", c.metrics.driver),
+            format!("{:?} is not prometheus, otlp or prometheus,otlp", c.metrics.driver),
         ));
+    }
+    let o = &c.otel;
+    if !matches!(o.protocol.as_str(), "grpc" | "http/protobuf") {
+        return Err(ConfigError::new("otel.protocol", format!("{:?} is not grpc or http/protobuf", o.protocol)));
+    }
+    for (key, value) in [
+        ("otel.traces_exporter", &o.traces_exporter),
+        ("otel.metrics_exporter", &o.metrics_exporter),
+        ("otel.logs_exporter", &o.logs_exporter),
+    ] {
+        if !matches!(value.as_str(), "otlp" | "none") {
+            return Err(ConfigError::new(key, format!("{value:?} is not otlp or none")));
+        }
+    }
+    if !matches!(
+        o.traces_sampler.as_str(),
+        "always_on"
+            | "always_off"
+            | "traceidratio"
+            | "parentbased_always_on"
+            | "parentbased_always_off"
+            | "parentbased_traceidratio"
+    ) {
+        return Err(ConfigError::new(
+            "otel.traces_sampler",
+            format!("{:?} is not a supported sampler", o.traces_sampler),
+        ));
+    }
+    if o.traces_sampler.ends_with("traceidratio")
+        && !o.traces_sampler_arg.is_empty()
+        && !o.traces_sampler_arg.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r))
+    {
+        return Err(ConfigError::new("otel.traces_sampler_arg", "must be a ratio between 0 and 1"));
+    }
+    if o.metric_export_interval_ms == 0 || o.export_timeout_ms == 0 {
+        return Err(ConfigError::new("otel.metric_export_interval_ms", "intervals must be above 0"));
     }
     if let Some(level) = &c.log_level {
         if tracing_subscriber::EnvFilter::try_new(level).is_err() {
@@ -214,7 +250,7 @@ fn mask(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
-                if k == "secret" || k.ends_with("password") {
+                if k == "secret" || k == "headers" || k.ends_with("password") {
                     *val = Value::String("********".into());
                 } else if k == "url" || k == "servers" {
                     mask_urls(val);

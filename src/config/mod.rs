@@ -39,7 +39,120 @@ pub struct Config {
     pub http_api: HttpApiConfig,
     pub adapter: AdapterConfig,
     pub metrics: MetricsConfig,
+    pub otel: OtelConfig,
     pub app_manager: AppManagerConfig,
+}
+
+/// OpenTelemetry export (OTLP push of traces, metrics and logs). Every field has the standard
+/// `OTEL_*` variable as its environment override.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// `OTEL_SDK_DISABLED=true` turns every OTLP exporter off.
+    pub sdk_disabled: bool,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; empty means no OTLP export at all.
+    pub endpoint: String,
+    /// Per-signal endpoints (`OTEL_EXPORTER_OTLP_{TRACES,METRICS,LOGS}_ENDPOINT`), used as given.
+    pub traces_endpoint: String,
+    pub metrics_endpoint: String,
+    pub logs_endpoint: String,
+    /// `grpc` or `http/protobuf` (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub protocol: String,
+    /// `key=value,key2=value2` (`OTEL_EXPORTER_OTLP_HEADERS`); masked by `--check-config`.
+    pub headers: String,
+    /// `OTEL_SERVICE_NAME`.
+    pub service_name: String,
+    /// `key=value,...` (`OTEL_RESOURCE_ATTRIBUTES`).
+    pub resource_attributes: String,
+    /// `otlp` or `none` (`OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`, `OTEL_LOGS_EXPORTER`).
+    pub traces_exporter: String,
+    pub metrics_exporter: String,
+    pub logs_exporter: String,
+    /// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`.
+    pub traces_sampler: String,
+    pub traces_sampler_arg: String,
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, in milliseconds.
+    pub metric_export_interval_ms: u64,
+    /// Export timeout and the deadline for the final flush at shutdown, in milliseconds.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            sdk_disabled: false,
+            endpoint: String::new(),
+            traces_endpoint: String::new(),
+            metrics_endpoint: String::new(),
+            logs_endpoint: String::new(),
+            protocol: "grpc".into(),
+            headers: String::new(),
+            service_name: "sockudo".into(),
+            resource_attributes: String::new(),
+            traces_exporter: "otlp".into(),
+            metrics_exporter: "otlp".into(),
+            logs_exporter: "otlp".into(),
+            traces_sampler: "parentbased_always_on".into(),
+            traces_sampler_arg: String::new(),
+            metric_export_interval_ms: 60_000,
+            export_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// One OTLP signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    Logs,
+}
+
+impl OtelConfig {
+    /// The endpoint a signal is exported to, when it is exported at all.
+    pub fn endpoint_for(&self, signal: Signal) -> Option<String> {
+        if self.sdk_disabled {
+            return None;
+        }
+        let (exporter, specific, path) = match signal {
+            Signal::Traces => (&self.traces_exporter, &self.traces_endpoint, "v1/traces"),
+            Signal::Metrics => (&self.metrics_exporter, &self.metrics_endpoint, "v1/metrics"),
+            Signal::Logs => (&self.logs_exporter, &self.logs_endpoint, "v1/logs"),
+        };
+        if exporter != "otlp" {
+            return None;
+        }
+        if !specific.is_empty() {
+            return Some(specific.clone());
+        }
+        if self.endpoint.is_empty() {
+            return None;
+        }
+        // The spec: the HTTP exporter appends the signal's path to the base endpoint.
+        Some(if self.is_grpc() {
+            self.endpoint.clone()
+        } else {
+            format!("{}/{path}", self.endpoint.trim_end_matches('/'))
+        })
+    }
+
+    pub fn is_grpc(&self) -> bool {
+        self.protocol == "grpc"
+    }
+
+    /// `key=value` pairs of a comma-separated list, percent-decoded as the spec says.
+    pub fn pairs(list: &str) -> Vec<(String, String)> {
+        list.split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| {
+                let decode = |s: &str| {
+                    form_urlencoded::parse(s.trim().as_bytes()).next().map(|(k, _)| k.into_owned()).unwrap_or_default()
+                };
+                (decode(k), decode(v))
+            })
+            .filter(|(k, _)| !k.is_empty())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +241,7 @@ pub struct NatsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub enabled: bool,
-    /// `prometheus`.
+    /// `prometheus`, `otlp`, or both as `prometheus,otlp` (one meter provider feeds both).
     pub driver: String,
     pub host: String,
     pub port: u16,
@@ -243,6 +356,7 @@ impl Default for Config {
             http_api: HttpApiConfig::default(),
             adapter: AdapterConfig::default(),
             metrics: MetricsConfig::default(),
+            otel: OtelConfig::default(),
             app_manager: AppManagerConfig::default(),
         }
     }

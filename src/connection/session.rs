@@ -276,6 +276,8 @@ impl Session<'_> {
     }
 
     fn subscribe(&mut self, channel: ChannelName, auth: Option<String>, channel_data: Option<String>) {
+        let span = self.span("subscribe", &channel);
+        let _entered = span.enter();
         if self.subs.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION && !self.subs.contains_key(channel.as_str()) {
             return self.refuse(ProtocolError::SubscriptionRejected(format!(
                 "at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"
@@ -360,7 +362,20 @@ impl Session<'_> {
         }
     }
 
+    fn span(&self, name: &'static str, channel: &ChannelName) -> tracing::Span {
+        match name {
+            "subscribe" => {
+                tracing::info_span!("subscribe", sockudo.app_id = %self.app.id, sockudo.channel = channel.as_str(), sockudo.channel_type = channel.channel_type().as_str())
+            }
+            _ => {
+                tracing::info_span!("client_event", sockudo.app_id = %self.app.id, sockudo.channel = channel.as_str(), sockudo.channel_type = channel.channel_type().as_str())
+            }
+        }
+    }
+
     fn signin(&mut self, data: SigninData) {
+        let span = tracing::info_span!("signin", sockudo.app_id = %self.app.id);
+        let _entered = span.enter();
         if !self.app.settings.enable_user_authentication {
             return self
                 .refuse(ProtocolError::SubscriptionRejected("user authentication is disabled for this app".into()));
@@ -379,6 +394,8 @@ impl Session<'_> {
     }
 
     fn client_event(&mut self, event: String, channel: ChannelName, data: &RawValue) {
+        let span = self.span("client_event", &channel);
+        let _entered = span.enter();
         let reject = |why: &str| ProtocolError::ClientEventRejected(why.to_owned());
         if !self.app.settings.enable_client_messages {
             return self.refuse(reject("client events are not enabled for this app"));

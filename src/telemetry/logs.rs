@@ -1,21 +1,123 @@
-//! Log output: `tracing-subscriber` writing text or flat JSON lines to stdout, filtered by
-//! `LOG_LEVEL` (or `RUST_LOG` when set, which takes a full filter).
+//! Log output: text or flat JSON lines on stdout, filtered by `LOG_LEVEL` (or `RUST_LOG` when
+//! set, which takes a full filter). JSON lines carry `timestamp`, upper-case `level`, top-level
+//! `message`, `target`, the event's fields, and `trace_id`/`span_id` of the current span, so a
+//! broadcast's log lines can be found by the trace id of its request.
 
-use tracing_subscriber::EnvFilter;
+use std::fmt;
+
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::trace::Tracer;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use crate::config::{Config, LogFormat};
 
-/// Installs the global subscriber once; later calls (tests starting several servers) are no-ops.
-pub fn init(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
+/// Targets whose own diagnostics must not be exported over OTLP (that would loop) nor flood
+/// the log: the exporters' internals. Our rate-limited export warnings use
+/// `sockudo::telemetry::export`.
+const QUIET: &[&str] = &[
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "opentelemetry-otlp",
+    "h2",
+    "tonic",
+    "hyper",
+    "hyper_util",
+    "tower",
+];
+
+fn filter(config: &Config) -> EnvFilter {
+    let base = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(config.effective_log_level()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    let result = match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| config.effective_log_level().to_owned());
+    let mut directives = base;
+    for t in QUIET {
+        directives.push_str(&format!(",{t}=off"));
+    }
+    EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Installs the global subscriber once; later calls (several servers in one test process)
+/// leave the first one in place.
+pub fn init(config: &Config, tracer: Tracer, logger: Option<&SdkLoggerProvider>) {
+    let otel_spans = tracing_opentelemetry::layer().with_tracer(tracer);
+    let otel_logs = logger.map(|p| {
+        let mut quiet = Targets::new().with_default(tracing::Level::TRACE);
+        for t in QUIET.iter().chain(&["sockudo::telemetry::export"]) {
+            quiet = quiet.with_target(*t, tracing_subscriber::filter::LevelFilter::OFF);
+        }
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(p).with_filter(quiet)
+    });
+    let fmt_layer = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer().with_writer(std::io::stdout).event_format(FlatJson).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed(),
     };
+    let result =
+        tracing_subscriber::registry().with(filter(config)).with(otel_spans).with(otel_logs).with(fmt_layer).try_init();
     // An error only means a subscriber is already installed.
     drop(result);
+}
+
+/// One flat JSON object per line.
+struct FlatJson;
+
+struct Fields<'a>(&'a mut Map<String, Value>);
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let mut map = Map::new();
+        let mut ts = String::with_capacity(32);
+        SystemTime.format_time(&mut Writer::new(&mut ts))?;
+        map.insert("timestamp".into(), Value::from(ts));
+        map.insert("level".into(), Value::from(event.metadata().level().as_str()));
+        map.insert("target".into(), Value::from(event.metadata().target()));
+        event.record(&mut Fields(&mut map));
+        if ctx.lookup_current().is_some() {
+            let cx = tracing::Span::current().context();
+            let sc = cx.span().span_context().clone();
+            if sc.is_valid() {
+                map.insert("trace_id".into(), Value::from(sc.trace_id().to_string()));
+                map.insert("span_id".into(), Value::from(sc.span_id().to_string()));
+            }
+        }
+        writeln!(writer, "{}", Value::Object(map))
+    }
 }

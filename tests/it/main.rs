@@ -8,3 +8,4 @@ mod clients;
 mod config;
 mod protocol;
 mod support;
+mod telemetry;

@@ -1,2 +1,353 @@
-//! sockudo-bench: the Pusher load generator (in progress).
-fn main() {}
+//! sockudo-bench: a load generator that speaks the Pusher protocol (version 7) to any
+//! Pusher-compatible server, given host, port, app id, key and secret.
+//!
+//! Scenarios (subcommands): `fanout` (publish-to-delivery latency, deliveries/s, loss and
+//! duplicates), `saturation` (raise the publish rate until p99 passes a limit), `connections`
+//! (idle subscribed connections: connect rate and server memory per connection) and `churn`
+//! (connect/subscribe/unsubscribe/close cycles per second). Each prints a progress line once a
+//! second on stderr and a table at the end on stdout, or one JSON object with `--json`;
+//! `--markdown FILE` appends a summary row for `benches/run.sh`.
+
+mod churn;
+mod connections;
+mod fanout;
+mod pusher;
+mod report;
+mod saturation;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sockudo-bench",
+    version,
+    about = "Pusher-protocol load generator: fanout, saturation, connections, churn"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Server host (for source-address cycling it must be an IPv4 loopback address).
+    #[arg(long, global = true, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, global = true, default_value_t = 6001)]
+    port: u16,
+    #[arg(long, global = true, default_value = "app-id")]
+    app_id: String,
+    #[arg(long, global = true, default_value = "app-key")]
+    key: String,
+    #[arg(long, global = true, default_value = "app-secret")]
+    secret: String,
+    /// Print one JSON object with all figures instead of the table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The server's process id, for CPU time (/proc/PID/stat) and memory (/proc/PID/status).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Append a markdown summary row (`| scenario | command | parameters | result |`) to FILE.
+    #[arg(long, global = true, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// Timeout in seconds for each step of opening a connection (TCP, handshake, welcome, subscribe).
+    #[arg(long, global = true, default_value_t = 10.0)]
+    timeout: f64,
+    /// Hard limit on the whole scenario in seconds (default: computed from its parameters).
+    #[arg(long, global = true)]
+    deadline: Option<f64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// S subscribers on C channels; publish at R/s for T s over the HTTP API; latency, loss, duplicates.
+    Fanout(FanoutArgs),
+    /// Fan-out steps at a rising rate until p99 passes the limit; reports the knee.
+    Saturation(SaturationArgs),
+    /// Open N idle subscribed connections; connect rate and server RSS per connection.
+    Connections(ConnectionsArgs),
+    /// Workers looping connect -> subscribe -> (unsubscribe -> subscribe) -> close.
+    Churn(ChurnArgs),
+}
+
+#[derive(Args, Debug)]
+struct SubscriberArgs {
+    /// Subscribers (one WebSocket connection each).
+    #[arg(long, short = 's', default_value_t = 1000)]
+    subscribers: usize,
+    /// Channels; subscriber i joins channel i mod C, publishes go round-robin over the channels.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    channels: usize,
+    /// Connections opened at a time.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Concurrent publish requests (and keep-alive connections in the HTTP pool).
+    #[arg(long, default_value_t = 64)]
+    max_inflight: usize,
+    /// Seconds to wait after the last publish for in-flight deliveries.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// Loopback source addresses to cycle over, 127.0.0.1..=127.0.0.K (default: one per 25,000 connections).
+    #[arg(long)]
+    source_addrs: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct FanoutArgs {
+    #[command(flatten)]
+    subs: SubscriberArgs,
+    /// Publishes per second.
+    #[arg(long, short = 'r', default_value_t = 20.0)]
+    rate: f64,
+    /// Seconds of publishing.
+    #[arg(long, short = 't', default_value_t = 20.0)]
+    duration: f64,
+}
+
+#[derive(Args, Debug)]
+struct SaturationArgs {
+    #[command(flatten)]
+    subs: SubscriberArgs,
+    /// Publishes per second of the first step.
+    #[arg(long, default_value_t = 50.0)]
+    start_rate: f64,
+    /// Rate multiplier between steps.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    #[arg(long, default_value_t = 12)]
+    max_steps: u32,
+    /// Seconds of publishing per step.
+    #[arg(long, default_value_t = 10.0)]
+    step_duration: f64,
+    /// Seconds of rest between steps.
+    #[arg(long, default_value_t = 1.0)]
+    pause: f64,
+    /// Stop once the step's p99 latency passes this many milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    p99_limit_ms: f64,
+}
+
+#[derive(Args, Debug)]
+struct ConnectionsArgs {
+    /// Connections to open.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: usize,
+    /// Channels the connections are spread over (one subscription each).
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Connections opened at a time.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Loopback source addresses to cycle over (default: one per 25,000 connections).
+    #[arg(long)]
+    source_addrs: Option<usize>,
+    /// Seconds to wait after the last connect before reading the server's RSS.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Seconds to hold the connections open in all (including the settle time).
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+}
+
+#[derive(Args, Debug)]
+struct ChurnArgs {
+    /// Concurrent workers, each one connection at a time.
+    #[arg(long, short = 'w', default_value_t = 50)]
+    workers: usize,
+    /// Seconds to run.
+    #[arg(long, short = 't', default_value_t = 10.0)]
+    duration: f64,
+    /// Unsubscribe/resubscribe rounds per connection.
+    #[arg(long, default_value_t = 1)]
+    resubscribes: usize,
+    /// Channels the workers use.
+    #[arg(long, default_value_t = 10)]
+    channels: usize,
+    /// Loopback source addresses to cycle over (TIME_WAIT spreads over them).
+    #[arg(long, default_value_t = 4)]
+    source_addrs: usize,
+}
+
+fn auto_sources(n: usize, given: Option<usize>) -> usize {
+    given.unwrap_or_else(|| n.div_ceil(25_000).max(1)).min(254)
+}
+
+fn session_params(a: &SubscriberArgs) -> fanout::SessionParams {
+    fanout::SessionParams {
+        subscribers: a.subscribers,
+        channels: a.channels.max(1),
+        connect_concurrency: a.connect_concurrency.max(1),
+        max_inflight: a.max_inflight.max(1),
+        drain_seconds: a.drain,
+        source_addrs: auto_sources(a.subscribers, a.source_addrs),
+    }
+}
+
+/// Time to open `n` connections `conc` at a time, each step bounded by `timeout`, with margin.
+fn open_budget(n: usize, conc: usize, timeout: f64) -> f64 {
+    n.div_ceil(conc.max(1)) as f64 * 4.0 * timeout + 30.0
+}
+
+/// The command line as given, without the output-only flags.
+fn command_line() -> String {
+    let mut out = vec!["sockudo-bench".to_owned()];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => {}
+            "--markdown" | "--server-pid" => {
+                args.next();
+            }
+            _ if a.starts_with("--markdown=") || a.starts_with("--server-pid=") => {}
+            _ => out.push(a),
+        }
+    }
+    out.join(" ")
+}
+
+fn emit<T: Serialize>(common: &Common, report: &T, print: impl FnOnce(), md: (String, String), scenario: &str) {
+    if common.json {
+        match serde_json::to_string_pretty(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("cannot encode the report: {e}"),
+        }
+    } else {
+        print();
+    }
+    if let Some(path) = &common.markdown {
+        let command = format!("`{}`", command_line());
+        let params = format!("{command}<br>{}", md.0);
+        if let Err(e) = report::append_markdown(path, scenario, &params, &md.1) {
+            eprintln!("cannot append to {}: {e}", path.display());
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let c = &cli.common;
+    let timeout = sys::secs(c.timeout.max(0.1));
+    let target = pusher::Target::resolve(&c.host, c.port, &c.app_id, &c.key, &c.secret, timeout).await?;
+    let nofile = sys::raise_nofile_limit();
+    let budget = match &cli.scenario {
+        Scenario::Fanout(a) => {
+            open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout) + a.duration + a.subs.drain + 60.0
+        }
+        Scenario::Saturation(a) => {
+            open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout)
+                + f64::from(a.max_steps) * (a.step_duration + a.subs.drain + a.pause + 30.0)
+        }
+        Scenario::Connections(a) => open_budget(a.connections, a.concurrency, c.timeout) + a.hold.max(a.settle) + 100.0,
+        Scenario::Churn(a) => a.duration + 6.0 * c.timeout + 30.0,
+    };
+    let deadline = sys::secs(c.deadline.unwrap_or(budget));
+    let work = async {
+        match &cli.scenario {
+            Scenario::Fanout(a) => {
+                let r = fanout::run(
+                    &target,
+                    session_params(&a.subs),
+                    a.rate.max(0.01),
+                    sys::secs(a.duration),
+                    c.server_pid,
+                )
+                .await?;
+                emit(c, &r, || r.print(), r.markdown(), "fan-out");
+            }
+            Scenario::Saturation(a) => {
+                let ramp = saturation::Ramp {
+                    start_rate: a.start_rate,
+                    factor: a.factor,
+                    max_steps: a.max_steps,
+                    step_seconds: a.step_duration,
+                    pause_seconds: a.pause,
+                    p99_limit_ms: a.p99_limit_ms,
+                };
+                let r = saturation::run(&target, session_params(&a.subs), ramp, c.server_pid).await?;
+                emit(c, &r, || r.print(), r.markdown(), "saturation");
+            }
+            Scenario::Connections(a) => {
+                let params = connections::ConnParams {
+                    connections: a.connections,
+                    channels: a.channels.max(1),
+                    concurrency: a.concurrency.max(1),
+                    source_addrs: auto_sources(a.connections, a.source_addrs),
+                    settle_seconds: a.settle,
+                    hold_seconds: a.hold,
+                };
+                let r = connections::run(&target, params, c.server_pid, nofile).await?;
+                emit(c, &r, || r.print(), r.markdown(), "connections");
+            }
+            Scenario::Churn(a) => {
+                let params = churn::ChurnParams {
+                    workers: a.workers.max(1),
+                    duration_seconds: a.duration,
+                    resubscribes: a.resubscribes,
+                    channels: a.channels.max(1),
+                    source_addrs: a.source_addrs.min(254),
+                };
+                let r = churn::run(&target, params, c.server_pid).await?;
+                emit(c, &r, || r.print(), r.markdown(), "churn");
+            }
+        }
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("the scenario passed its deadline of {:.0} s", deadline.as_secs_f64())),
+    }
+}
+
+fn main() -> ExitCode {
+    sys::start_clock();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sockudo-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Do not wait for connection tasks still winding down.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sockudo-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_go_after_the_subcommand_too() {
+        let cli = Cli::try_parse_from(["b", "fanout", "--port", "7000", "--rate", "5", "--json"]).expect("parses");
+        assert_eq!(cli.common.port, 7000);
+        assert!(cli.common.json);
+    }
+
+    #[test]
+    fn picks_source_addresses() {
+        assert_eq!(auto_sources(10_000, None), 1);
+        assert_eq!(auto_sources(60_000, None), 3);
+        assert_eq!(auto_sources(10, Some(4)), 4);
+    }
+}

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
+pub mod process;
+
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,139 @@
+//! Process-level helpers: the tool's monotonic clock, the server's CPU time and resident
+//! memory read from `/proc/{pid}`, and raising the open-file limit.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Starts the tool's clock; call once at start-up (later calls are harmless).
+pub fn start_clock() {
+    EPOCH.get_or_init(Instant::now);
+}
+
+/// Nanoseconds since the tool started, on the monotonic clock. Publishers put this value in
+/// the payload and subscribers (in the same process) subtract it from their own reading.
+pub fn now_nanos() -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Clock ticks per second, the unit of `utime`/`stime` in `/proc/PID/stat` (100 on Linux).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU seconds consumed so far by process `pid` ("self" for this process).
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")" come field 3 (state) onward, so utime (14) and stime (15) are items 11 and 12.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kb(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time of the server (when its pid is known) and of this tool over an interval.
+#[derive(Debug, Clone)]
+pub struct CpuMeter {
+    server_pid: Option<String>,
+    server_start: Option<f64>,
+    self_start: Option<f64>,
+    started: Instant,
+}
+
+/// What a [`CpuMeter`] measured.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CpuUse {
+    /// Server CPU seconds (user + system), when `--server-pid` was given.
+    pub server_cpu_seconds: Option<f64>,
+    /// This tool's own CPU seconds over the same interval: it shares the machine.
+    pub bench_cpu_seconds: Option<f64>,
+    /// Wall-clock seconds of the interval.
+    pub wall_seconds: f64,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        let server_pid = server_pid.map(|p| p.to_string());
+        Self {
+            server_start: server_pid.as_deref().and_then(cpu_seconds),
+            self_start: cpu_seconds("self"),
+            server_pid,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn stop(&self) -> CpuUse {
+        let server_now = self.server_pid.as_deref().and_then(cpu_seconds);
+        CpuUse {
+            server_cpu_seconds: server_now.zip(self.server_start).map(|(b, a)| b - a),
+            bench_cpu_seconds: cpu_seconds("self").zip(self.self_start).map(|(b, a)| b - a),
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit and returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Sleeps until `deadline`, or returns at once if it has passed.
+pub async fn sleep_until(deadline: Instant) {
+    tokio::time::sleep_until(deadline.into()).await;
+}
+
+/// Seconds as a `Duration`, clamped to something sane for negative or absurd input.
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 1.0e6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_proc_figures() {
+        assert!(cpu_seconds("self").is_some());
+        assert!(rss_kb("self").is_some_and(|kb| kb > 0));
+    }
+
+    #[test]
+    fn clock_is_monotonic() {
+        start_clock();
+        let a = now_nanos();
+        let b = now_nanos();
+        assert!(b >= a);
+    }
+}

@@ -1,0 +1,100 @@
+//! Trace context on the wire: the HTTP server span of every API request (continuing an
+//! incoming W3C `traceparent`), and `traceparent` strings for carrying a span across nodes.
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::Response;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::field::Empty;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct One<'a>(Option<&'a str>);
+
+impl Extractor for One<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        if key == "traceparent" {
+            self.0
+        } else {
+            None
+        }
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+struct Capture(Option<String>);
+
+impl Injector for Capture {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+/// Axum middleware: one server span per API request, named by its route template, child of
+/// the caller's `traceparent` when there is one. WebSocket upgrades get no HTTP span.
+pub async fn http_span(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let route = match &matched {
+        Some(m) if m.as_str() != "/app/{key}" => m.as_str().to_owned(),
+        Some(_) => return next.run(req).await,
+        None => "unmatched".to_owned(),
+    };
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = Empty,
+        sockudo.app_id = Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
+}
+
+/// The `traceparent` of the current span, to carry in an adapter envelope or a webhook.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut capture = Capture(None);
+    TraceContextPropagator::new().inject_context(&cx, &mut capture);
+    capture.0
+}
+
+/// Makes `span` a child of a received `traceparent` (ignored when absent or malformed).
+pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
+    let cx = TraceContextPropagator::new().extract(&One(traceparent));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
