@@ -59,7 +59,19 @@ pub struct AppAttrs {
     errors: [Vec<KeyValue>; 10],
     latency: [[Vec<KeyValue>; 5]; 5],
     limiter: [Vec<KeyValue>; 3],
+    webhooks: [Vec<KeyValue>; 4],
 }
+
+/// `outcome` of `webhooks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Delivered = 0,
+    Retried = 1,
+    Failed = 2,
+    Dropped = 3,
+}
+
+const WEBHOOK_OUTCOMES: [&str; 4] = ["delivered", "retried", "failed", "dropped"];
 
 impl std::fmt::Debug for AppAttrs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +99,13 @@ pub struct Metrics {
     rate_limit_checks: Counter<u64>,
     rate_limit_triggered: Counter<u64>,
     broadcast_latency: Histogram<f64>,
+    adapter_resolve_time: Histogram<f64>,
+    adapter_resolved: Counter<u64>,
+    adapter_uncomplete: Counter<u64>,
+    adapter_sent_requests: Counter<u64>,
+    adapter_received_requests: Counter<u64>,
+    adapter_received_responses: Counter<u64>,
+    webhooks: Counter<u64>,
     build_info: Gauge<u64>,
     adapter_connected: Gauge<i64>,
     adapter_nodes: Gauge<i64>,
@@ -96,21 +115,28 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(meter: &Meter, port: u16) -> Self {
         let counter = |name: &'static str, desc: &'static str| meter.u64_counter(name).with_description(desc).build();
+        let bytes = |name: &'static str, desc: &'static str| {
+            meter.u64_counter(name).with_description(desc).with_unit("By").build()
+        };
         let gauge =
             |name: &'static str, desc: &'static str| meter.i64_up_down_counter(name).with_description(desc).build();
         let m = Self {
             port,
-            connected: gauge("connected", "Open WebSocket connections"),
+            connected: meter
+                .i64_up_down_counter("connected")
+                .with_description("Open WebSocket connections")
+                .with_unit("{connection}")
+                .build(),
             new_connections: counter("new_connections_total", "Connections that reached connection_established"),
             new_disconnections: counter("new_disconnections_total", "Established connections that ended"),
             connection_errors: counter("connection_errors_total", "Refused connections and fatal protocol errors"),
-            socket_received_bytes: counter("socket_received_bytes", "Bytes of WebSocket messages received"),
-            socket_transmitted_bytes: counter("socket_transmitted_bytes", "Bytes of WebSocket messages written"),
+            socket_received_bytes: bytes("socket_received_bytes", "Bytes of WebSocket messages received"),
+            socket_transmitted_bytes: bytes("socket_transmitted_bytes", "Bytes of WebSocket messages written"),
             ws_messages_received: counter("ws_messages_received_total", "WebSocket messages received"),
             ws_messages_sent: counter("ws_messages_sent_total", "WebSocket messages written to sockets"),
             http_calls_received: counter("http_calls_received_total", "HTTP API requests received"),
-            http_received_bytes: counter("http_received_bytes", "HTTP API request body bytes"),
-            http_transmitted_bytes: counter("http_transmitted_bytes", "HTTP API response body bytes"),
+            http_received_bytes: bytes("http_received_bytes", "HTTP API request body bytes"),
+            http_transmitted_bytes: bytes("http_transmitted_bytes", "HTTP API response body bytes"),
             channel_subscriptions: counter("channel_subscriptions_total", "Successful subscriptions"),
             channel_unsubscriptions: counter("channel_unsubscriptions_total", "Subscriptions that ended"),
             active_channels: gauge("active_channels", "Channels with at least one subscriber on this node"),
@@ -122,6 +148,27 @@ impl Metrics {
                 .with_unit("ms")
                 .with_boundaries(BROADCAST_LATENCY_BUCKETS.to_vec())
                 .build(),
+            adapter_resolve_time: meter
+                .f64_histogram("horizontal_adapter_resolve_time")
+                .with_description("Time for a cross-node query to complete or time out")
+                .with_unit("ms")
+                .with_boundaries(RESOLVE_TIME_BUCKETS.to_vec())
+                .build(),
+            adapter_resolved: counter(
+                "horizontal_adapter_resolved_promises",
+                "Cross-node queries answered by every node in time",
+            ),
+            adapter_uncomplete: counter(
+                "horizontal_adapter_uncomplete_promises",
+                "Cross-node queries that timed out with answers missing",
+            ),
+            adapter_sent_requests: counter("horizontal_adapter_sent_requests", "Cross-node queries this node sent"),
+            adapter_received_requests: counter(
+                "horizontal_adapter_received_requests",
+                "Cross-node queries this node answered",
+            ),
+            adapter_received_responses: counter("horizontal_adapter_received_responses", "Answers this node received"),
+            webhooks: counter("webhooks_total", "Webhook deliveries by outcome"),
             build_info: meter.u64_gauge("build_info").with_description("The running version").build(),
             adapter_connected: meter
                 .i64_gauge("horizontal_adapter_connected")
@@ -136,12 +183,6 @@ impl Metrics {
         m.build_info
             .record(1, &[KeyValue::new("port", port as i64), KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
         m.register_app(&m.unknown);
-        // Declared so that the family exists with its buckets; recorded by the cluster adapter.
-        let _ = meter
-            .f64_histogram("horizontal_adapter_resolve_time")
-            .with_unit("ms")
-            .with_boundaries(RESOLVE_TIME_BUCKETS.to_vec())
-            .build();
         m
     }
 
@@ -170,8 +211,16 @@ impl Metrics {
             &self.http_calls_received,
             &self.http_received_bytes,
             &self.http_transmitted_bytes,
+            &self.adapter_resolved,
+            &self.adapter_uncomplete,
+            &self.adapter_sent_requests,
+            &self.adapter_received_requests,
+            &self.adapter_received_responses,
         ] {
             c.add(0, &a.base);
+        }
+        for w in &a.webhooks {
+            self.webhooks.add(0, w);
         }
         for e in &a.errors {
             self.connection_errors.add(0, e);
@@ -250,6 +299,32 @@ impl Metrics {
         self.broadcast_latency.record(ms, &a.latency[t.index()][b]);
     }
 
+    /// A cross-node query this node sent, answered in time by every node or not.
+    pub fn adapter_query(&self, a: &AppAttrs, ms: f64, complete: bool) {
+        self.adapter_sent_requests.add(1, &a.base);
+        self.adapter_resolve_time.record(ms, &a.base);
+        if complete {
+            self.adapter_resolved.add(1, &a.base);
+        } else {
+            self.adapter_uncomplete.add(1, &a.base);
+        }
+    }
+
+    /// A cross-node query this node answered.
+    pub fn adapter_answered(&self, a: &AppAttrs) {
+        self.adapter_received_requests.add(1, &a.base);
+    }
+
+    /// An answer this node received for one of its queries.
+    pub fn adapter_response(&self, a: &AppAttrs) {
+        self.adapter_received_responses.add(1, &a.base);
+    }
+
+    /// A webhook delivery outcome.
+    pub fn webhook(&self, a: &AppAttrs, outcome: WebhookOutcome) {
+        self.webhooks.add(1, &a.webhooks[outcome as usize]);
+    }
+
     /// Records the adapter's broker state and the nodes it sees.
     pub fn adapter_state(&self, adapter: &'static str, connected: bool, nodes: i64) {
         let attrs = [KeyValue::new("port", self.port as i64), KeyValue::new("adapter", adapter)];
@@ -277,6 +352,7 @@ impl AppAttrs {
             let (kind, ctx) = l.labels();
             with(&[KeyValue::new("limiter_type", kind), KeyValue::new("request_context", ctx)])
         });
-        Self { base, channel, errors, latency, limiter }
+        let webhooks = WEBHOOK_OUTCOMES.map(|o| with(&[KeyValue::new("outcome", o)]));
+        Self { base, channel, errors, latency, limiter, webhooks }
     }
 }

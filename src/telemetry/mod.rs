@@ -7,7 +7,7 @@ pub mod metrics;
 mod otlp;
 pub mod trace;
 
-pub use metrics::{AppAttrs, Limiter, Metrics};
+pub use metrics::{AppAttrs, Limiter, Metrics, WebhookOutcome};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,6 +6,7 @@
 mod api;
 mod clients;
 mod config;
+mod metrics;
 mod protocol;
 mod support;
 mod telemetry;
