@@ -41,6 +41,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/up/{app_id}", get(api::up_app))
         .route("/live", get(api::live))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn(crate::telemetry::trace::http_span))
         .with_state(state)
 }
@@ -55,6 +56,48 @@ fn metrics_router(telemetry: Arc<Telemetry>) -> Router {
             }),
         )
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
+}
+
+/// Serves HTTP/1.1 (with upgrades) on `listener` until shutdown. Unlike `axum::serve`, this
+/// installs hyper's timer so that a request head must arrive within `header_timeout`
+/// (slowloris sockets are dropped), and sets `TCP_NODELAY` so small frames leave at once.
+async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, header_timeout: Duration) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    let connections = crate::shutdown::Tracker::default();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+        let stop = shutdown.clone();
+        let token = connections.token();
+        tokio::spawn(async move {
+            let _token = token;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.wait_idle().await;
 }
 
 /// Runs the server until `shutdown` resolves, then drains within the grace period.
@@ -93,21 +136,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
             let router = metrics_router(telemetry.clone());
             let stop = shutdown.clone();
             tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-            Some(tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(async move { stop.wait().await }).await
-            }))
+            Some(tokio::spawn(serve_http(listener, router, stop, Duration::from_secs(10))))
         }
         _ => None,
     };
 
     tracing::info!(addr = %listeners.main.local_addr()?, version = env!("CARGO_PKG_VERSION"), "sockudo listening");
-    let stop = shutdown.clone();
-    let drain_state = state.clone();
-    let main = axum::serve(listeners.main, router(state.clone())).with_graceful_shutdown(async move {
-        stop.wait().await;
-        drain_state.draining.store(true, Ordering::Release);
-    });
-    let main = tokio::spawn(async move { main.await });
+    let header_timeout = Duration::from_secs(config.http_api.header_read_timeout_seconds);
+    let main = tokio::spawn(serve_http(listeners.main, router(state.clone()), shutdown.clone(), header_timeout));
 
     shutdown.wait().await;
     state.draining.store(true, Ordering::Release);

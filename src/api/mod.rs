@@ -63,7 +63,15 @@ async fn read_body(state: &State, headers: &HeaderMap, body: Body) -> Result<axu
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::PayloadTooLarge(limit))
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit exceeded");
+        if too_large {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::BadRequest("the request body could not be read".into())
+        }
+    })
 }
 
 fn now_unix() -> u64 {
@@ -360,6 +368,11 @@ pub async fn up_app(AxumState(state): S, Path(app_id): Path<String>) -> Response
 /// `GET /live`: the process is alive.
 pub async fn live() -> Response {
     (StatusCode::OK, "OK").into_response()
+}
+
+/// A known path with the wrong method: 405 JSON, counted under `unknown`.
+pub async fn method_not_allowed(AxumState(state): S) -> Response {
+    finish(&state, 0, Outcome::unknown(ApiError::MethodNotAllowed))
 }
 
 /// Anything else: 404 JSON, counted under `unknown`.

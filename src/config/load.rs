@@ -183,6 +183,9 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     if ws.max_queue_kb == 0 {
         return Err(ConfigError::new("websocket.max_queue_kb", "must be above 0"));
     }
+    if c.http_api.header_read_timeout_seconds == 0 {
+        return Err(ConfigError::new("http_api.header_read_timeout_seconds", "must be at least 1 second"));
+    }
     if c.http_api.max_body_kb == 0 {
         return Err(ConfigError::new("http_api.max_body_kb", "must be above 0"));
     }

@@ -193,6 +193,8 @@ pub struct HttpApiConfig {
     pub max_body_kb: usize,
     /// Accepted clock skew of `auth_timestamp`, in seconds.
     pub timestamp_tolerance_seconds: u64,
+    /// A request head (including a WebSocket upgrade request) must arrive within this.
+    pub header_read_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,7 +385,7 @@ impl Default for WebSocketConfig {
 
 impl Default for HttpApiConfig {
     fn default() -> Self {
-        Self { max_body_kb: 1024, timestamp_tolerance_seconds: 600 }
+        Self { max_body_kb: 1024, timestamp_tolerance_seconds: 600, header_read_timeout_seconds: 10 }
     }
 }
 

@@ -121,7 +121,12 @@ impl Session<'_> {
                             self.refuse(ProtocolError::InvalidMessage("binary frames are not supported".into()));
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => return End::Gone,
+                        Some(Ok(Message::Close(_))) => {
+                            // Tungstenite has queued the close reply; RFC 6455 wants it sent.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+                            return End::Gone;
+                        }
+                        None => return End::Gone,
                         Some(Err(err)) => return self.read_failed(ws, err).await,
                     }
                 }

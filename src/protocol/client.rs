@@ -86,15 +86,26 @@ fn invalid(why: impl Into<String>) -> ProtocolError {
     ProtocolError::InvalidMessage(why.into())
 }
 
+/// serde's derived `Deserialize` also reads a struct from a JSON array by position; the
+/// protocol only has objects, so anything else is refused before parsing.
+fn is_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
 /// Decodes `data` that is either an object or a string holding JSON (clients send both).
 fn decode_data<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>, what: &str) -> Result<T, ProtocolError> {
     let raw = raw.ok_or_else(|| invalid(format!("{what} needs a data object")))?;
     let text = raw.get();
     let parsed = if text.starts_with('"') {
         let inner: String = serde_json::from_str(text).map_err(|_| invalid(format!("{what} data is not valid")))?;
+        if !is_object(&inner) {
+            return Err(invalid(format!("{what} data must be an object")));
+        }
         serde_json::from_str(&inner)
-    } else {
+    } else if is_object(text) {
         serde_json::from_str(text)
+    } else {
+        return Err(invalid(format!("{what} data must be an object")));
     };
     parsed.map_err(|e| invalid(format!("{what} data is not valid: {}", short(&e))))
 }
@@ -109,6 +120,9 @@ fn short(e: &serde_json::Error) -> String {
 impl ClientEvent {
     /// Parses one text frame.
     pub fn parse(text: &str, limits: &ParseLimits) -> Result<Self, ProtocolError> {
+        if !is_object(text) {
+            return Err(invalid("a frame must be a JSON object"));
+        }
         let frame: RawFrame<'_> =
             serde_json::from_str(text).map_err(|e| invalid(format!("malformed JSON: {}", short(&e))))?;
         let channel_of =
@@ -166,6 +180,9 @@ fn parse_user_id(user_data: &str) -> Result<String, ProtocolError> {
     struct UserData {
         id: serde_json::Value,
     }
+    if !is_object(user_data) {
+        return Err(invalid("user_data must be a JSON object with an id"));
+    }
     let parsed: UserData =
         serde_json::from_str(user_data).map_err(|_| invalid("user_data must be a JSON object with an id"))?;
     match parsed.id {
@@ -187,6 +204,9 @@ impl PresenceMember {
             return Err(ProtocolError::SubscriptionRejected(format!(
                 "presence channel_data larger than {max_bytes} bytes"
             )));
+        }
+        if !is_object(channel_data) {
+            return Err(invalid("channel_data must be a JSON object with user_id"));
         }
         let raw: Raw<'_> = serde_json::from_str(channel_data)
             .map_err(|_| invalid("channel_data must be a JSON object with user_id"))?;
@@ -244,8 +264,13 @@ mod tests {
         assert_eq!(code(r#"{"event":"pusher:nope"}"#), 4300);
         assert_eq!(code(r#"{"event":"hello"}"#), 4300);
         assert_eq!(code(r#"{"event":"client-x","data":{}}"#), 4301);
+        // Deep nesting is skipped iteratively (no recursion, no stack overflow); this one is
+        // refused for its size.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(code(&format!(r#"{{"event":"client-x","channel":"private-a","data":{deep}}}"#)), 4300);
+        assert_eq!(code(&format!(r#"{{"event":"client-x","channel":"private-a","data":{deep}}}"#)), 4301);
+        // Nesting inside a field that is parsed (not skipped) hits serde_json's recursion limit.
+        let deep_obj = format!("{}{}", "{\"a\":".repeat(1000), "}".repeat(1000));
+        assert_eq!(code(&format!(r#"{{"event":"pusher:subscribe","data":{deep_obj}}}"#)), 4300);
     }
 
     #[test]

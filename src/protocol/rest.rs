@@ -60,7 +60,7 @@ struct RawEvent<'a> {
 #[derive(Deserialize)]
 struct RawBatch<'a> {
     #[serde(borrow)]
-    batch: Vec<RawEvent<'a>>,
+    batch: Vec<&'a RawValue>,
 }
 
 /// A validated publish.
@@ -144,19 +144,36 @@ fn truncate(s: &str) -> String {
 }
 
 /// Parses a `POST /events` body.
+/// Bodies are objects; serde would also read a struct from an array by position.
+fn object(body: &[u8]) -> Result<(), BodyError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        _ => Err(BodyError::Json("the body must be a JSON object".into())),
+    }
+}
+
 pub fn parse_event(body: &[u8], limits: &PublishLimits) -> Result<PublishEvent, BodyError> {
+    object(body)?;
     let raw: RawEvent<'_> = serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;
     check(raw, limits)
 }
 
 /// Parses a `POST /batch_events` body; each event names exactly one channel.
 pub fn parse_batch(body: &[u8], limits: &PublishLimits) -> Result<Vec<PublishEvent>, BodyError> {
+    object(body)?;
     let raw: RawBatch<'_> = serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;
     if raw.batch.is_empty() || raw.batch.len() > limits.max_batch {
         return Err(BodyError::BatchSize(limits.max_batch));
     }
     let one = PublishLimits { max_channels: 1, ..*limits };
-    raw.batch.into_iter().map(|e| check(e, &one)).collect()
+    raw.batch
+        .into_iter()
+        .map(|e| {
+            object(e.get().as_bytes())?;
+            let event: RawEvent<'_> = serde_json::from_str(e.get()).map_err(|err| BodyError::Json(err.to_string()))?;
+            check(event, &one)
+        })
+        .collect()
 }
 
 #[cfg(test)]

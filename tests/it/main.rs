@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod api_signing;
 mod clients;
 mod config;
+mod hostile;
 mod metrics;
 mod protocol;
 mod support;
