@@ -109,12 +109,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
     telemetry.install_logging(&config);
     let telemetry = Arc::new(telemetry);
     let metrics = telemetry.metrics.clone();
-    let apps = AppManager::from_config(&config, &metrics);
-    let adapter = Arc::new(Adapter::new(
-        metrics.clone(),
-        Duration::from_secs(config.cache.ttl_seconds),
-        Duration::from_millis(config.subscription_count_debounce_ms),
-    ));
+    let apps = Arc::new(AppManager::from_config(&config, &metrics));
+    let (adapter, inbox) = Adapter::connect(&config, &node_id, metrics.clone(), apps.clone()).await?;
+    let adapter = Arc::new(adapter);
+    let cluster = inbox.map(|inbox| tokio::spawn(adapter.clone().run(inbox, shutdown.clone())));
     let state = Arc::new(State::new(config.clone(), apps, adapter.clone(), metrics, shutdown.clone()));
 
     let sweeper = {
@@ -161,6 +159,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
+    if let Some(c) = cluster {
+        let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
+    }
     drop(state);
     match Arc::try_unwrap(telemetry) {
         Ok(t) => t.shutdown().await,

@@ -12,7 +12,7 @@ use crate::telemetry::Metrics;
 
 pub struct State {
     pub config: Arc<Config>,
-    pub apps: AppManager,
+    pub apps: Arc<AppManager>,
     pub adapter: Arc<Adapter>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
@@ -28,7 +28,7 @@ pub struct State {
 impl State {
     pub fn new(
         config: Arc<Config>,
-        apps: AppManager,
+        apps: Arc<AppManager>,
         adapter: Arc<Adapter>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
@@ -72,5 +72,10 @@ impl State {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready for traffic: not draining, and connected to the cluster's broker.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.adapter.is_connected()
     }
 }

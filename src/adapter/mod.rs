@@ -1,38 +1,121 @@
-//! The bus between API calls, sockets and channel state. Today it is the local adapter: this
-//! node is the whole cluster. Every side effect of a subscription change (presence events,
-//! subscription counts, gauges) and every broadcast goes through here, so a broker-backed
-//! adapter only has to carry the same calls between nodes.
+//! The bus between API calls, sockets and channel state. With the local driver this node is
+//! the whole cluster; with Redis or NATS every broadcast, presence change, termination and
+//! channel query also goes to the other nodes through [`cluster`], whose semantics are written
+//! once for both brokers ([`transport`] only moves envelopes). Every side effect of a
+//! subscription change (presence events, subscription counts, gauges) happens here.
 
-use std::collections::HashSet;
+pub mod cluster;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
 
-use crate::app::App;
-use crate::channels::{AppChannels, Delivery, Frame, Registry, SocketHandle, SubscribeError, Subscribed};
+use crate::app::{App, AppManager};
+use crate::channels::{AppChannels, ChannelInfo, Delivery, Frame, Registry, SocketHandle, SubscribeError, Subscribed};
+use crate::config::{AdapterDriver, Config, ConfigError};
 use crate::outbox::CloseReason;
 use crate::protocol::rest::PublishEvent;
 use crate::protocol::{server, ChannelKind, ChannelName, PresenceMember, ProtocolError};
+use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
+use cluster::{Cluster, Header, PresenceEvent, Query};
 
-/// Node-local hub of channel state and fan-out.
+/// How often a node announces itself.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Node-local hub of channel state and fan-out, and this node's side of the cluster.
 pub struct Adapter {
     registry: Registry,
     metrics: Arc<Metrics>,
+    apps: Arc<AppManager>,
     debounce: Duration,
     /// Channels with a subscription-count event already scheduled: `(app id, channel)`.
     pending_counts: Mutex<HashSet<(String, Arc<str>)>>,
+    cluster: Option<Arc<Cluster>>,
+    driver: &'static str,
+    connected: watch::Receiver<bool>,
+}
+
+/// The receiving half of a broker link, handed to [`Adapter::run`].
+pub struct Inbox {
+    incoming: mpsc::Receiver<Bytes>,
+    _link: transport::Link,
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 impl Adapter {
-    pub fn new(metrics: Arc<Metrics>, cache_ttl: Duration, debounce: Duration) -> Self {
-        metrics.adapter_state("local", true, 1);
-        Self { registry: Registry::new(cache_ttl), metrics, debounce, pending_counts: Mutex::default() }
+    /// Builds the adapter of `config.adapter.driver`, connecting to its broker. A broker that
+    /// cannot be reached is a configuration error (exit 64), never a fallback to local.
+    pub async fn connect(
+        config: &Config,
+        node_id: &str,
+        metrics: Arc<Metrics>,
+        apps: Arc<AppManager>,
+    ) -> Result<(Self, Option<Inbox>), ConfigError> {
+        let c = &config.adapter;
+        let link = match c.driver {
+            AdapterDriver::Local => None,
+            AdapterDriver::Redis => Some(
+                transport::redis(&c.redis.url, &c.redis.prefix)
+                    .await
+                    .map_err(|e| ConfigError::new("adapter.redis.url", e))?,
+            ),
+            AdapterDriver::Nats => Some(
+                transport::nats(&c.nats.servers, &c.nats.prefix)
+                    .await
+                    .map_err(|e| ConfigError::new("adapter.nats.servers", e))?,
+            ),
+        };
+        let (cluster, connected, inbox) = match link {
+            Some(mut link) => {
+                let cluster = Arc::new(Cluster::new(
+                    node_id,
+                    link.outgoing.clone(),
+                    Duration::from_millis(c.request_timeout_ms),
+                    Duration::from_millis(c.node_timeout_ms),
+                ));
+                let connected = link.connected.clone();
+                let (_, empty) = mpsc::channel(1);
+                let incoming = std::mem::replace(&mut link.incoming, empty);
+                (Some(cluster), connected, Some(Inbox { incoming, _link: link }))
+            }
+            None => (None, watch::channel(true).1, None),
+        };
+        let adapter = Self {
+            registry: Registry::new(Duration::from_secs(config.cache.ttl_seconds)),
+            metrics,
+            apps,
+            debounce: Duration::from_millis(config.subscription_count_debounce_ms),
+            pending_counts: Mutex::default(),
+            cluster,
+            driver: c.driver.as_str(),
+            connected,
+        };
+        adapter.record_state();
+        Ok((adapter, inbox))
     }
 
     pub fn channels(&self, app: &App) -> Arc<AppChannels> {
         self.registry.app(&app.id)
+    }
+
+    /// Whether this node can reach the rest of the cluster (always, for the local driver).
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    fn record_state(&self) {
+        let peers = self.cluster.as_ref().map_or(0, |c| c.peers());
+        self.metrics.adapter_state(self.driver, self.is_connected(), 1 + peers as i64);
     }
 
     /// Sends one pre-serialised frame to every local subscriber of `channel` except `except`.
@@ -65,9 +148,40 @@ impl Adapter {
         recipients
     }
 
+    /// Broadcasts locally and, in a cluster, once to the broker for every other node (client
+    /// events, subscription counts): the socket `except` is skipped on every node.
+    pub fn relay(&self, app: &Arc<App>, channel: &ChannelName, text: Utf8Bytes, except: Option<&str>, event: &str) {
+        self.broadcast_everywhere(app, channel, text, except, event);
+    }
+
+    fn broadcast_everywhere(
+        &self,
+        app: &Arc<App>,
+        channel: &ChannelName,
+        text: Utf8Bytes,
+        except: Option<&str>,
+        event: &str,
+    ) {
+        if let Some(cluster) = &self.cluster {
+            let header = Header::Broadcast {
+                n: cluster.me(),
+                a: app.id.clone(),
+                c: channel.as_str().to_owned(),
+                x: except.map(str::to_owned),
+                o: 0,
+                tp: crate::telemetry::trace::current_traceparent(),
+                cache: false,
+                e: event.to_owned(),
+            };
+            cluster.send(&header, text.as_bytes());
+        }
+        self.broadcast(app, channel, text, except, None);
+    }
+
     /// Publishes an API event to each of its channels: one serialisation per channel, the
-    /// same bytes for every recipient.
+    /// same bytes for every local recipient and one envelope for the rest of the cluster.
     pub fn publish(&self, app: &Arc<App>, event: &PublishEvent, started: Instant) {
+        let origin = unix_micros().saturating_sub(started.elapsed().as_micros() as u64);
         for channel in &event.channels {
             let span = tracing::info_span!(
                 "broadcast",
@@ -82,14 +196,27 @@ impl Adapter {
             if channel.is_cache() {
                 self.registry.app(&app.id).set_cache(channel.as_str(), text.clone());
             }
+            if let Some(cluster) = &self.cluster {
+                let header = Header::Broadcast {
+                    n: cluster.me(),
+                    a: app.id.clone(),
+                    c: channel.as_str().to_owned(),
+                    x: event.socket_id.clone(),
+                    o: origin,
+                    tp: crate::telemetry::trace::current_traceparent(),
+                    cache: channel.is_cache(),
+                    e: event.name.clone(),
+                };
+                cluster.send(&header, text.as_bytes());
+            }
             let recipients = self.broadcast(app, channel, text, event.socket_id.as_deref(), Some(started));
             span.record("sockudo.recipients", recipients);
             tracing::debug!(recipients, "broadcast queued for local sockets");
         }
     }
 
-    /// Subscribes a socket and carries out what follows: gauges, `member_added` to the others,
-    /// and a debounced subscription count.
+    /// Subscribes a socket and carries out what follows: gauges, `member_added` to the others
+    /// (once per user cluster-wide), and a debounced subscription count.
     pub fn subscribe(
         self: &Arc<Self>,
         app: &Arc<App>,
@@ -98,11 +225,29 @@ impl Adapter {
         member: Option<PresenceMember>,
     ) -> Result<Subscribed, SubscribeError> {
         let chans = self.registry.app(&app.id);
-        let (user_id, user_info) = match &member {
-            Some(m) => (Some(m.user_id.clone()), Some(m.user_info.get().to_owned())),
-            None => (None, None),
-        };
-        let outcome = chans.subscribe(channel, handle, member, app.settings.max_presence_members_per_channel)?;
+        let joining = member.as_ref().map(|m| (m.user_id.clone(), m.user_info.get().to_owned()));
+        let mut outcome = chans.subscribe(channel, handle, member, app.settings.max_presence_members_per_channel)?;
+        if let (Some(cluster), true) = (&self.cluster, channel.kind() == ChannelKind::Presence) {
+            if let (Some((user, info)), true) = (&joining, outcome.member_added) {
+                outcome.member_added = cluster.join(&cluster.node, &app.id, channel.as_str(), user, info);
+                let i = serde_json::value::RawValue::from_string(info.clone()).ok();
+                if let Some(i) = i {
+                    cluster.send(
+                        &Header::PresenceJoin {
+                            n: cluster.me(),
+                            a: app.id.clone(),
+                            c: channel.as_str().to_owned(),
+                            u: user.clone(),
+                            i,
+                        },
+                        b"",
+                    );
+                }
+            }
+            let members = cluster.members(&app.id, channel.as_str());
+            outcome.succeeded_data =
+                server::presence_data(members.iter().map(|(u, i)| (u.as_str(), i.as_str())), members.len());
+        }
         if outcome.already {
             return Ok(outcome);
         }
@@ -110,11 +255,9 @@ impl Adapter {
         if outcome.occupied {
             self.metrics.channel_occupied(&app.attrs, channel.channel_type());
         }
-        if outcome.member_added {
-            if let (Some(id), Some(info)) = (user_id, user_info) {
-                let frame = server::member_added(channel.as_str(), &id, &info);
-                self.broadcast(app, channel, Utf8Bytes::from(frame), Some(&handle.id), None);
-            }
+        if let (true, Some((user, info))) = (outcome.member_added, &joining) {
+            let frame = server::member_added(channel.as_str(), user, info);
+            self.broadcast(app, channel, Utf8Bytes::from(frame), Some(&handle.id), None);
         }
         self.count_changed(app, channel);
         Ok(outcome)
@@ -129,17 +272,33 @@ impl Adapter {
             self.metrics.channel_vacated(&app.attrs, out.channel_type);
         }
         if let Some(user_id) = out.member_removed {
-            let frame = server::member_removed(channel.as_str(), &user_id);
-            self.broadcast(app, channel, Utf8Bytes::from(frame), None, None);
+            let gone = match &self.cluster {
+                Some(cluster) => {
+                    cluster.send(
+                        &Header::PresenceLeave {
+                            n: cluster.me(),
+                            a: app.id.clone(),
+                            c: channel.as_str().to_owned(),
+                            u: user_id.to_string(),
+                        },
+                        b"",
+                    );
+                    cluster.part(&cluster.node, &app.id, channel.as_str(), &user_id)
+                }
+                None => true,
+            };
+            if gone {
+                let frame = server::member_removed(channel.as_str(), &user_id);
+                self.broadcast(app, channel, Utf8Bytes::from(frame), None, None);
+            }
         }
-        if !out.vacated {
-            self.count_changed(app, channel);
-        }
+        self.count_changed(app, channel);
         true
     }
 
     /// Schedules one `pusher_internal:subscription_count` for the channel after the debounce
-    /// delay, when the app has the feature on (Pusher sends none for presence channels).
+    /// delay, when the app has the feature on (Pusher sends none for presence channels). The
+    /// count is cluster-wide and the event reaches subscribers on every node.
     fn count_changed(self: &Arc<Self>, app: &Arc<App>, channel: &ChannelName) {
         if !app.settings.enable_subscription_count || channel.kind() == ChannelKind::Presence {
             return;
@@ -158,16 +317,24 @@ impl Adapter {
         tokio::spawn(async move {
             tokio::time::sleep(debounce).await;
             this.pending_counts.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-            let count = this.registry.app(&app.id).info(&channel).subscription_count;
+            let count = this.channel_info(&app, &channel).await.subscription_count;
             if count > 0 {
                 let frame = server::subscription_count(channel.as_str(), count);
-                this.broadcast(&app, &channel, Utf8Bytes::from(frame), None, None);
+                let text = Utf8Bytes::from(frame);
+                this.broadcast_everywhere(&app, &channel, text, None, "pusher_internal:subscription_count");
             }
         });
     }
 
-    /// Closes every socket signed in as `user_id`; returns how many.
+    /// Closes every socket signed in as `user_id`, on every node; returns how many were here.
     pub fn terminate_user(&self, app: &App, user_id: &str) -> usize {
+        if let Some(cluster) = &self.cluster {
+            cluster.send(&Header::Terminate { n: cluster.me(), a: app.id.clone(), u: user_id.to_owned() }, b"");
+        }
+        self.terminate_local(app, user_id)
+    }
+
+    fn terminate_local(&self, app: &App, user_id: &str) -> usize {
         let sockets = self.registry.app(&app.id).user_sockets(user_id);
         for s in &sockets {
             let err = ProtocolError::Terminated;
@@ -176,10 +343,223 @@ impl Adapter {
         sockets.len()
     }
 
+    /// Asks the other nodes (recording the query's metrics).
+    async fn ask(&self, app: &App, q: Query) -> Vec<Value> {
+        let Some(cluster) = &self.cluster else { return Vec::new() };
+        if cluster.peers() == 0 {
+            return Vec::new();
+        }
+        let (answers, complete, took) = cluster.query(&app.id, q).await;
+        self.metrics.adapter_query(&app.attrs, took.as_secs_f64() * 1000.0, complete);
+        answers
+    }
+
+    /// Counts of one channel across the cluster (nodes that do not answer in time are left out).
+    pub async fn channel_info(&self, app: &App, channel: &ChannelName) -> ChannelInfo {
+        let mut info = self.registry.app(&app.id).info(channel);
+        for a in self.ask(app, Query::Channel { name: channel.as_str().to_owned() }).await {
+            info.subscription_count += a.as_u64().unwrap_or(0) as usize;
+        }
+        if let (Some(cluster), true) = (&self.cluster, info.presence) {
+            info.user_count = cluster.user_count(&app.id, channel.as_str());
+        }
+        info
+    }
+
+    /// Occupied channels starting with `prefix` across the cluster.
+    pub async fn channel_list(&self, app: &App, prefix: &str) -> Vec<ChannelInfo> {
+        let mut merged: BTreeMap<String, ChannelInfo> =
+            self.registry.app(&app.id).list(prefix).into_iter().map(|c| (c.name.to_string(), c)).collect();
+        for answer in self.ask(app, Query::Channels { prefix: prefix.to_owned() }).await {
+            let Some(map) = answer.as_object() else { continue };
+            for (name, count) in map {
+                let count = count.as_u64().unwrap_or(0) as usize;
+                if let Some(c) = merged.get_mut(name) {
+                    c.subscription_count += count;
+                } else if let Ok(channel) = ChannelName::parse(name, app.settings.max_channel_name_length) {
+                    let mut c = self.registry.app(&app.id).info(&channel);
+                    c.subscription_count = count;
+                    merged.insert(name.clone(), c);
+                }
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            for c in merged.values_mut().filter(|c| c.presence) {
+                c.user_count = cluster.user_count(&app.id, &c.name);
+            }
+        }
+        merged.into_values().collect()
+    }
+
+    /// The user ids present in a presence channel, cluster-wide.
+    pub fn members(&self, app: &App, channel: &ChannelName) -> Vec<String> {
+        match &self.cluster {
+            Some(cluster) => cluster.members(&app.id, channel.as_str()).into_iter().map(|(u, _)| u).collect(),
+            None => self.registry.app(&app.id).members(channel.as_str()).iter().map(|u| u.to_string()).collect(),
+        }
+    }
+
     /// Drops expired cached events of every app (run periodically).
     pub fn sweep_caches(&self) {
         for app in self.registry.all() {
             app.sweep_cache();
+        }
+    }
+
+    /// Runs this node's side of the cluster until shutdown: handles envelopes from the other
+    /// nodes, heartbeats, expires silent nodes, and resynchronises presence after an outage.
+    pub async fn run(self: Arc<Self>, inbox: Inbox, shutdown: Shutdown) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        let Inbox { mut incoming, _link } = inbox;
+        let mut connected = self.connected.clone();
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        cluster.send(&Header::Sync { n: cluster.me() }, b"");
+        loop {
+            tokio::select! {
+                msg = incoming.recv() => match msg {
+                    Some(payload) => self.receive(&cluster, payload).await,
+                    None => break,
+                },
+                _ = beat.tick() => {
+                    cluster.send(&Header::Heartbeat { n: cluster.me() }, b"");
+                    for node in cluster.expire() {
+                        tracing::warn!(node = %node, "cluster node went silent; removing its presence members");
+                        let events = cluster.drop_node(&node);
+                        self.announce(events).await;
+                    }
+                    self.record_state();
+                }
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.record_state();
+                    if *connected.borrow() {
+                        // Others may have timed us out meanwhile: tell them who is here again.
+                        cluster.send(&Header::Snapshot { n: cluster.me(), members: cluster.snapshot() }, b"");
+                        cluster.send(&Header::Sync { n: cluster.me() }, b"");
+                    }
+                }
+                _ = shutdown.wait() => {
+                    cluster.send(&Header::Leave { n: cluster.me() }, b"");
+                    // Give the publisher a moment to hand the farewell to the broker.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn receive(&self, cluster: &Arc<Cluster>, payload: Bytes) {
+        let Some((header, body)) = cluster::decode(&payload) else { return };
+        let sender = header.sender().to_owned();
+        if sender == *cluster.node {
+            return;
+        }
+        if cluster.seen(&sender) {
+            tracing::info!(node = %sender, "cluster node joined");
+            cluster.send(&Header::Snapshot { n: cluster.me(), members: cluster.snapshot() }, b"");
+            self.record_state();
+        }
+        match header {
+            Header::Broadcast { a, c, x, o, tp, cache, e, .. } => {
+                let Some(app) = self.apps.find_by_id(&a).await else { return };
+                let Ok(channel) = ChannelName::parse(&c, app.settings.max_channel_name_length) else { return };
+                let Ok(text) = Utf8Bytes::try_from(body) else { return };
+                let span = tracing::info_span!(
+                    "broadcast.remote",
+                    otel.kind = "consumer",
+                    sockudo.app_id = %a,
+                    sockudo.channel = %c,
+                    sockudo.channel_type = channel.channel_type().as_str(),
+                    sockudo.event = %e,
+                    sockudo.recipients = tracing::field::Empty,
+                );
+                crate::telemetry::trace::continue_from(&span, tp.as_deref());
+                let _entered = span.enter();
+                if cache {
+                    self.registry.app(&app.id).set_cache(&c, text.clone());
+                }
+                // The origin's clock starts the latency; clocks of nodes on one host agree.
+                let started = (o > 0).then(|| {
+                    let age = Duration::from_micros(unix_micros().saturating_sub(o));
+                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+                });
+                let recipients = self.broadcast(&app, &channel, text, x.as_deref(), started);
+                span.record("sockudo.recipients", recipients);
+                tracing::debug!(recipients, "remote broadcast queued for local sockets");
+            }
+            Header::Query { n, id, a, q } => {
+                let Some(app) = self.apps.find_by_id(&a).await else { return };
+                let chans = self.registry.app(&app.id);
+                let body = match q {
+                    Query::Channels { prefix } => {
+                        let map: serde_json::Map<String, Value> = chans
+                            .list(&prefix)
+                            .into_iter()
+                            .map(|c| (c.name.to_string(), json!(c.subscription_count)))
+                            .collect();
+                        Value::Object(map)
+                    }
+                    Query::Channel { name } => match ChannelName::parse(&name, app.settings.max_channel_name_length) {
+                        Ok(ch) => json!(chans.info(&ch).subscription_count),
+                        Err(_) => json!(0),
+                    },
+                };
+                cluster.send(&Header::Answer { n: cluster.me(), to: n, id, body }, b"");
+                self.metrics.adapter_answered(&app.attrs);
+            }
+            Header::Answer { to, id, body, .. } => {
+                if to == *cluster.node && cluster.answered(id, body) {
+                    self.metrics.adapter_response(self.metrics.unknown());
+                }
+            }
+            Header::Heartbeat { .. } => {}
+            Header::Leave { n } => {
+                tracing::info!(node = %n, "cluster node left");
+                cluster.forget(&n);
+                let events = cluster.drop_node(&n);
+                self.announce(events).await;
+                self.record_state();
+            }
+            Header::PresenceJoin { n, a, c, u, i } => {
+                if cluster.join(&n, &a, &c, &u, i.get()) {
+                    self.announce(vec![PresenceEvent::Added { app: a, channel: c, user: u, info: i.get().to_owned() }])
+                        .await;
+                }
+            }
+            Header::PresenceLeave { n, a, c, u } => {
+                if cluster.part(&n, &a, &c, &u) {
+                    self.announce(vec![PresenceEvent::Removed { app: a, channel: c, user: u }]).await;
+                }
+            }
+            Header::Snapshot { n, members } => {
+                let events = cluster.replace_node(&n, &members);
+                self.announce(events).await;
+            }
+            Header::Sync { .. } => {
+                cluster.send(&Header::Snapshot { n: cluster.me(), members: cluster.snapshot() }, b"");
+            }
+            Header::Terminate { a, u, .. } => {
+                if let Some(app) = self.apps.find_by_id(&a).await {
+                    self.terminate_local(&app, &u);
+                }
+            }
+        }
+    }
+
+    /// Tells local subscribers about cluster-wide presence changes.
+    async fn announce(&self, events: Vec<PresenceEvent>) {
+        for event in events {
+            let (app_id, channel, frame) = match &event {
+                PresenceEvent::Added { app, channel, user, info } => {
+                    (app, channel, server::member_added(channel, user, info))
+                }
+                PresenceEvent::Removed { app, channel, user } => (app, channel, server::member_removed(channel, user)),
+            };
+            let Some(app) = self.apps.find_by_id(app_id).await else { continue };
+            let Ok(channel) = ChannelName::parse(channel, app.settings.max_channel_name_length) else { continue };
+            self.broadcast(&app, &channel, Utf8Bytes::from(frame), None, None);
         }
     }
 }

@@ -6,10 +6,11 @@ mod error;
 
 pub use error::ApiError;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State as AxumState};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::app::App;
 use crate::auth::{self, SignedRequest};
+use crate::channels::ChannelInfo;
 use crate::protocol::rest::{self, PublishEvent};
 use crate::protocol::{ChannelKind, ChannelName};
 use crate::state::State;
@@ -110,7 +112,7 @@ async fn authenticate(
 }
 
 /// Runs `f` for an authenticated app and renders the outcome.
-async fn signed<F>(
+async fn signed<F, Fut>(
     state: &State,
     app_id: &str,
     method: Method,
@@ -121,7 +123,8 @@ async fn signed<F>(
     f: F,
 ) -> Response
 where
-    F: FnOnce(&Arc<App>, &[u8]) -> Result<Value, ApiError>,
+    F: FnOnce(Arc<App>, Bytes) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>>,
 {
     let body = match read_body(state, &headers, body).await {
         Ok(b) => b,
@@ -129,7 +132,7 @@ where
     };
     let outcome = match authenticate(state, app_id, &method, &uri, query.as_deref(), &body).await {
         Ok(app) => {
-            let result = f(&app, &body);
+            let result = f(app.clone(), body.clone()).await;
             Outcome { app: Some(app), result }
         }
         Err((app, err)) => Outcome { app, result: Err(err) },
@@ -145,13 +148,8 @@ fn info_fields(info: Option<String>) -> Vec<String> {
     info.map(|i| i.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()).unwrap_or_default()
 }
 
-fn channel_attributes(
-    state: &State,
-    app: &App,
-    channel: &ChannelName,
-    info: &[String],
-) -> Result<Map<String, Value>, ApiError> {
-    let counts = state.adapter.channels(app).info(channel);
+/// The requested attributes of one channel's cluster-wide counts.
+fn attributes(counts: &ChannelInfo, info: &[String]) -> Result<Map<String, Value>, ApiError> {
     let mut out = Map::new();
     for field in info {
         match field.as_str() {
@@ -179,14 +177,15 @@ fn check_info(event: &PublishEvent) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: Instant) -> Result<Value, ApiError> {
+async fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: Instant) -> Result<Value, ApiError> {
     state.adapter.publish(app, event, started);
     if event.info.is_empty() {
         return Ok(json!({}));
     }
     let mut channels = Map::new();
     for c in &event.channels {
-        channels.insert(c.as_str().to_owned(), Value::Object(channel_attributes(state, app, c, &event.info)?));
+        let counts = state.adapter.channel_info(app, c).await;
+        channels.insert(c.as_str().to_owned(), Value::Object(attributes(&counts, &event.info)?));
     }
     Ok(json!({ "channels": channels }))
 }
@@ -202,10 +201,11 @@ pub async fn events(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
-        let event = rest::parse_event(body, &app.publish_limits())?;
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, body| async move {
+        let event = rest::parse_event(&body, &app.publish_limits())?;
         check_info(&event)?;
-        publish(&state, app, &event, started)
+        publish(&st, &app, &event, started).await
     })
     .await
 }
@@ -221,14 +221,15 @@ pub async fn batch_events(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, body| {
-        let events = rest::parse_batch(body, &app.publish_limits())?;
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, body| async move {
+        let events = rest::parse_batch(&body, &app.publish_limits())?;
         // The whole batch is checked before any of it is published.
         events.iter().try_for_each(check_info)?;
         let mut infos = Vec::with_capacity(events.len());
         let mut any_info = false;
         for event in &events {
-            let answer = publish(&state, app, event, started)?;
+            let answer = publish(&st, &app, event, started).await?;
             any_info |= !event.info.is_empty();
             let attrs = event
                 .channels
@@ -254,25 +255,14 @@ pub async fn channels(
 ) -> Response {
     let prefix = query_param(q.as_deref(), "filter_by_prefix").unwrap_or_default();
     let info = info_fields(query_param(q.as_deref(), "info"));
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
         if info.iter().any(|f| f == "user_count") && !prefix.starts_with("presence-") {
             return Err(ApiError::BadRequest("info=user_count requires filter_by_prefix=presence-".into()));
         }
         let mut out = Map::new();
-        for c in state.adapter.channels(app).list(&prefix) {
-            let mut attrs = Map::new();
-            for field in &info {
-                match field.as_str() {
-                    "user_count" if c.presence => {
-                        attrs.insert(field.clone(), json!(c.user_count));
-                    }
-                    "subscription_count" => {
-                        attrs.insert(field.clone(), json!(c.subscription_count));
-                    }
-                    _ => {}
-                }
-            }
-            out.insert(c.name.to_string(), Value::Object(attrs));
+        for c in st.adapter.channel_list(&app, &prefix).await {
+            out.insert(c.name.to_string(), Value::Object(attributes(&c, &info)?));
         }
         Ok(json!({ "channels": out }))
     })
@@ -294,10 +284,11 @@ pub async fn channel(
     body: Body,
 ) -> Response {
     let info = info_fields(query_param(q.as_deref(), "info"));
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
-        let channel = channel_path(app, &name)?;
-        let counts = state.adapter.channels(app).info(&channel);
-        let mut out = channel_attributes(&state, app, &channel, &info)?;
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        let channel = channel_path(&app, &name)?;
+        let counts = st.adapter.channel_info(&app, &channel).await;
+        let mut out = attributes(&counts, &info)?;
         out.insert("occupied".into(), json!(counts.subscription_count > 0));
         Ok(Value::Object(out))
     })
@@ -314,13 +305,13 @@ pub async fn channel_users(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
-        let channel = channel_path(app, &name)?;
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        let channel = channel_path(&app, &name)?;
         if channel.kind() != ChannelKind::Presence {
             return Err(ApiError::BadRequest("users are only available for presence channels".into()));
         }
-        let users: Vec<Value> =
-            state.adapter.channels(app).members(channel.as_str()).iter().map(|id| json!({ "id": &**id })).collect();
+        let users: Vec<Value> = st.adapter.members(&app, &channel).into_iter().map(|id| json!({ "id": id })).collect();
         Ok(json!({ "users": users }))
     })
     .await
@@ -336,8 +327,9 @@ pub async fn terminate_user(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| {
-        let closed = state.adapter.terminate_user(app, &user_id);
+    let st = state.clone();
+    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        let closed = st.adapter.terminate_user(&app, &user_id);
         tracing::info!(app_id = %app.id, sockets = closed, "terminated a user's connections");
         Ok(json!({}))
     })
@@ -346,7 +338,7 @@ pub async fn terminate_user(
 
 /// `GET /up`: ready unless draining.
 pub async fn up(AxumState(state): S) -> Response {
-    if state.is_draining() {
+    if !state.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response()
     } else {
         (StatusCode::OK, "OK").into_response()
@@ -355,7 +347,7 @@ pub async fn up(AxumState(state): S) -> Response {
 
 /// `GET /up/{app_id}`: ready and the app exists and is enabled.
 pub async fn up_app(AxumState(state): S, Path(app_id): Path<String>) -> Response {
-    if state.is_draining() {
+    if !state.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response();
     }
     match state.apps.find_by_id(&app_id).await {

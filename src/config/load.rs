@@ -189,14 +189,24 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.http_api.max_body_kb == 0 {
         return Err(ConfigError::new("http_api.max_body_kb", "must be above 0"));
     }
-    match c.adapter.driver {
-        AdapterDriver::Local => {}
-        other => {
+    let a = &c.adapter;
+    if a.request_timeout_ms == 0 || a.node_timeout_ms < 2000 {
+        return Err(ConfigError::new(
+            "adapter.node_timeout_ms",
+            "request_timeout_ms must be above 0 and node_timeout_ms at least 2000 (two heartbeats)",
+        ));
+    }
+    match a.driver {
+        AdapterDriver::Redis if a.redis.url.is_empty() => {
+            return Err(ConfigError::new("adapter.redis.url", "is required with the redis driver"))
+        }
+        AdapterDriver::Nats if a.nats.servers.is_empty() => {
             return Err(ConfigError::new(
-                "adapter.driver",
-                format!("{:?} is not available in this build; use \"local\"", other.as_str()),
+                "adapter.nats.servers",
+                "at least one server is required with the nats driver",
             ))
         }
+        _ => {}
     }
     if c.app_manager.driver != "config" {
         return Err(ConfigError::new(

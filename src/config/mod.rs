@@ -8,7 +8,7 @@ mod load;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use load::{load, mask_secrets, ConfigError};
+pub use load::{load, mask_secrets, mask_url_password, ConfigError};
 
 /// The embedded default configuration, also shipped as `config/sockudo.json`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/sockudo.json");
@@ -219,6 +219,10 @@ impl AdapterDriver {
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterConfig {
     pub driver: AdapterDriver,
+    /// How long a cross-node query waits for every node before answering with what it has.
+    pub request_timeout_ms: u64,
+    /// A node silent for this long is dead: its presence members are removed everywhere.
+    pub node_timeout_ms: u64,
     pub redis: RedisConfig,
     pub nats: NatsConfig,
 }
@@ -391,7 +395,13 @@ impl Default for HttpApiConfig {
 
 impl Default for AdapterConfig {
     fn default() -> Self {
-        Self { driver: AdapterDriver::Local, redis: RedisConfig::default(), nats: NatsConfig::default() }
+        Self {
+            driver: AdapterDriver::Local,
+            request_timeout_ms: 1000,
+            node_timeout_ms: 5000,
+            redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
+        }
     }
 }
 

@@ -420,7 +420,7 @@ impl Session<'_> {
             }
         }
         let frame = server::client_event(channel.as_str(), &event, data.get(), user_id.as_deref());
-        self.adapter.broadcast(self.app, &channel, Utf8Bytes::from(frame), Some(&self.handle.id), None);
+        self.adapter.relay(self.app, &channel, Utf8Bytes::from(frame), Some(&self.handle.id), &event);
     }
 
     /// Leaves every channel and the user registry; runs however the session ended.
