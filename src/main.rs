@@ -131,10 +131,17 @@ fn main() -> ExitCode {
         tokio::spawn(signal(trigger));
         match server::run(config, listeners, stop).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sockudo failed: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => match e.downcast_ref::<config::ConfigError>() {
+                // A broker that cannot be reached at startup is a configuration error.
+                Some(config_error) => {
+                    eprintln!("{config_error}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                None => {
+                    eprintln!("sockudo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

@@ -50,8 +50,10 @@ pub enum Header {
     /// The sender is leaving (graceful shutdown): drop it now rather than after the timeout.
     #[serde(rename = "leave")]
     Leave { n: String },
+    /// `i` is the member's `user_info` as JSON text (a string: internally tagged enums cannot
+    /// carry raw JSON values).
     #[serde(rename = "join")]
-    PresenceJoin { n: String, a: String, c: String, u: String, i: Box<serde_json::value::RawValue> },
+    PresenceJoin { n: String, a: String, c: String, u: String, i: String },
     #[serde(rename = "part")]
     PresenceLeave { n: String, a: String, c: String, u: String },
     /// The sender's complete local presence, replacing what we knew of it.
@@ -69,7 +71,8 @@ pub struct SnapshotEntry {
     pub a: String,
     pub c: String,
     pub u: String,
-    pub i: Box<serde_json::value::RawValue>,
+    /// `user_info` as JSON text.
+    pub i: String,
 }
 
 /// A cross-node question about one app's channels.
@@ -306,12 +309,12 @@ impl Cluster {
             }
         }
         for e in entries {
-            if self.join(node, &e.a, &e.c, &e.u, e.i.get()) {
+            if self.join(node, &e.a, &e.c, &e.u, &e.i) {
                 events.push(PresenceEvent::Added {
                     app: e.a.clone(),
                     channel: e.c.clone(),
                     user: e.u.clone(),
-                    info: e.i.get().to_owned(),
+                    info: e.i.clone(),
                 });
             }
         }
@@ -325,9 +328,7 @@ impl Cluster {
         for ((a, c), members) in p.iter() {
             for (u, m) in members {
                 if m.nodes.contains(&*self.node) {
-                    if let Ok(i) = serde_json::value::RawValue::from_string(m.info.clone()) {
-                        out.push(SnapshotEntry { a: a.clone(), c: c.clone(), u: u.clone(), i });
-                    }
+                    out.push(SnapshotEntry { a: a.clone(), c: c.clone(), u: u.clone(), i: m.info.clone() });
                 }
             }
         }
@@ -394,12 +395,7 @@ mod tests {
     fn snapshots_replace_a_nodes_contribution() {
         let c = cluster();
         c.join("other", "a", "presence-x", "u1", "{}");
-        let entry = SnapshotEntry {
-            a: "a".into(),
-            c: "presence-x".into(),
-            u: "u2".into(),
-            i: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-        };
+        let entry = SnapshotEntry { a: "a".into(), c: "presence-x".into(), u: "u2".into(), i: "{}".into() };
         let events = c.replace_node("other", &[entry]);
         assert_eq!(events.len(), 2);
         assert_eq!(c.members("a", "presence-x").len(), 1);

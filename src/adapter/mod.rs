@@ -230,19 +230,14 @@ impl Adapter {
         if let (Some(cluster), true) = (&self.cluster, channel.kind() == ChannelKind::Presence) {
             if let (Some((user, info)), true) = (&joining, outcome.member_added) {
                 outcome.member_added = cluster.join(&cluster.node, &app.id, channel.as_str(), user, info);
-                let i = serde_json::value::RawValue::from_string(info.clone()).ok();
-                if let Some(i) = i {
-                    cluster.send(
-                        &Header::PresenceJoin {
-                            n: cluster.me(),
-                            a: app.id.clone(),
-                            c: channel.as_str().to_owned(),
-                            u: user.clone(),
-                            i,
-                        },
-                        b"",
-                    );
-                }
+                let header = Header::PresenceJoin {
+                    n: cluster.me(),
+                    a: app.id.clone(),
+                    c: channel.as_str().to_owned(),
+                    u: user.clone(),
+                    i: info.clone(),
+                };
+                cluster.send(&header, b"");
             }
             let members = cluster.members(&app.id, channel.as_str());
             outcome.succeeded_data =
@@ -523,9 +518,9 @@ impl Adapter {
                 self.record_state();
             }
             Header::PresenceJoin { n, a, c, u, i } => {
-                if cluster.join(&n, &a, &c, &u, i.get()) {
-                    self.announce(vec![PresenceEvent::Added { app: a, channel: c, user: u, info: i.get().to_owned() }])
-                        .await;
+                // `i` becomes part of frames: only valid JSON is accepted from the wire.
+                if serde_json::from_str::<serde::de::IgnoredAny>(&i).is_ok() && cluster.join(&n, &a, &c, &u, &i) {
+                    self.announce(vec![PresenceEvent::Added { app: a, channel: c, user: u, info: i }]).await;
                 }
             }
             Header::PresenceLeave { n, a, c, u } => {

@@ -6,6 +6,7 @@
 mod api;
 mod api_signing;
 mod clients;
+mod cluster;
 mod config;
 mod hostile;
 mod metrics;
