@@ -338,3 +338,125 @@ async fn redis_restart_mid_test() {
 async fn nats_restart_mid_test() {
     broker_restart_mid_test("nats").await;
 }
+
+/// A cluster node as a separate process on `prefix` (Redis on 6379 or NATS on 4222).
+async fn process_node(
+    driver: &str,
+    prefix: &str,
+    extra: &[(&'static str, String)],
+) -> crate::support::process::Process {
+    let dir = std::env::temp_dir().join(format!("sockudo-cluster-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("node.json");
+    let cfg = json!({"adapter": {
+        "driver": driver,
+        "node_timeout_ms": 2000,
+        "request_timeout_ms": 500,
+        "redis": {"url": "redis://127.0.0.1:6379", "prefix": prefix},
+        "nats": {"servers": ["nats://127.0.0.1:4222"], "prefix": prefix}
+    }});
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let file = file.to_string_lossy().into_owned();
+    crate::support::process::Process::start_with_args(&["--config", &file], extra).await
+}
+
+async fn killed_node_presence_is_removed_once(broker: Broker) {
+    let prefix = format!("it-kill-{}-{}", std::process::id(), fastrand::u64(..));
+    let a = broker.node(&prefix).await;
+    let b = process_node(broker.name(), &prefix, &[]).await;
+    let adapter = broker.name();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            a.metric("sockudo_horizontal_adapter_nodes", &[("adapter", adapter)]).await == Some(2.0)
+        })
+        .await
+    );
+    let mut alice = a.client().await;
+    alice.subscribe_presence("presence-lobby", "alice").await;
+    let mut bob = b.client().await;
+    bob.subscribe_presence("presence-lobby", "bob").await;
+    assert_eq!(data(&alice.expect("pusher_internal:member_added").await)["user_id"], "bob");
+    b.kill().await;
+    let started = std::time::Instant::now();
+    let removed = tokio::time::timeout(Duration::from_secs(15), alice.expect("pusher_internal:member_removed")).await;
+    let removed = removed.expect("member_removed for the dead node's user within 15 s");
+    assert_eq!(data(&removed)["user_id"], "bob");
+    println!("{adapter}: killed node's member removed after {:?}", started.elapsed());
+    a.publish("presence-lobby", "marker", "x").await;
+    assert_eq!(alice.next().await["event"], "marker", "exactly one member_removed");
+    let (_, users) = a.api("GET", "/channels/presence-lobby/users", &[], None).await;
+    assert_eq!(users, json!({"users": [{"id": "alice"}]}));
+    assert_eq!(a.metric("sockudo_horizontal_adapter_nodes", &[("adapter", adapter)]).await, Some(1.0));
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn redis_killed_node() {
+    killed_node_presence_is_removed_once(Broker::redis()).await;
+}
+
+#[tokio::test]
+async fn nats_killed_node() {
+    killed_node_presence_is_removed_once(Broker::nats()).await;
+}
+
+/// One trace across two nodes: the origin's `broadcast` span is the parent of the receiving
+/// node's `broadcast.remote` span, both exported to one OTLP receiver.
+#[tokio::test]
+async fn one_trace_across_nodes() {
+    use crate::support::otlp::{hex, Receiver};
+    let (rx, endpoint) = Receiver::grpc().await;
+    let prefix = format!("it-trace-{}-{}", std::process::id(), fastrand::u64(..));
+    let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()), ("OTEL_METRICS_EXPORTER", "none".to_owned())];
+    let a = process_node("nats", &prefix, &env).await;
+    let b = process_node("nats", &prefix, &env).await;
+    let mut sub = b.client().await;
+    sub.subscribe("traced").await;
+    // Wait until a's broadcasts reach b (the nodes have met).
+    let path = format!("/apps/{APP_ID}/events");
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut delivered = false;
+    for _ in 0..50 {
+        let body = json!({"name": "t", "channel": "traced", "data": "x"}).to_string();
+        let q = signed_query(KEY, SECRET, "POST", &path, &[], Some(&body), now());
+        let resp = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}{path}?{q}", a.port))
+            .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        if tokio::time::timeout(Duration::from_millis(200), sub.expect("t")).await.is_ok() {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "no cross-node delivery");
+    let found = eventually(Duration::from_secs(15), || async {
+        rx.spans().iter().any(|s| s.name == "broadcast.remote" && hex(&s.trace_id) == trace_id)
+    })
+    .await;
+    assert!(found, "no broadcast.remote span: {:?}", rx.spans().iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+    let spans = rx.spans();
+    let remote = spans.iter().find(|s| s.name == "broadcast.remote" && hex(&s.trace_id) == trace_id).unwrap();
+    let origin = spans
+        .iter()
+        .find(|s| s.name == "broadcast" && s.span_id == remote.parent_span_id)
+        .expect("the remote span's parent is the origin's broadcast span");
+    assert_eq!(hex(&origin.trace_id), trace_id);
+    assert_eq!(remote.kind, 5, "SPAN_KIND_CONSUMER");
+    assert_eq!(crate::support::otlp::attr(remote, "sockudo.recipients").as_deref(), Some("1"));
+    let http = spans.iter().find(|s| s.span_id == origin.parent_span_id).expect("broadcast's parent is the HTTP span");
+    assert_eq!(hex(&http.parent_span_id), "b7ad6b7169203331");
+    let instances: std::collections::HashSet<String> = rx
+        .resources()
+        .iter()
+        .filter_map(|r| r.iter().find(|(k, _)| k == "service.instance.id").map(|(_, v)| v.clone()))
+        .collect();
+    assert!(instances.len() >= 2, "spans from both nodes: {instances:?}");
+    sub.close().await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -24,9 +24,15 @@ pub struct Process {
 impl Process {
     /// Starts the binary on free ports with `env` and waits until it accepts connections.
     pub async fn start(env: &[(&str, String)]) -> Self {
+        Self::start_with_args(&[], env).await
+    }
+
+    /// The same, with command-line arguments (such as `--config FILE`).
+    pub async fn start_with_args(args: &[&str], env: &[(&str, String)]) -> Self {
         let (port, metrics_port) = (free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sockudo"));
-        cmd.env_clear()
+        cmd.args(args)
+            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
@@ -66,6 +72,12 @@ impl Process {
 
     pub async fn client(&self) -> Client {
         Client::connect(&format!("ws://127.0.0.1:{}/app/{KEY}?protocol=7", self.port)).await
+    }
+
+    /// SIGKILL: the node dies without a word to the cluster.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+        let _ = self.child.wait().await;
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit.
