@@ -40,6 +40,8 @@ pub struct Config {
     pub adapter: AdapterConfig,
     pub metrics: MetricsConfig,
     pub otel: OtelConfig,
+    pub webhooks: WebhooksConfig,
+    pub rate_limits: RateLimitConfig,
     pub app_manager: AppManagerConfig,
 }
 
@@ -304,6 +306,62 @@ pub struct AppConfig {
     /// Browser origins allowed to connect (`https://app.example.com`, `*.example.com`, `*`);
     /// empty allows every origin. Others are refused with 4009.
     pub allowed_origins: Vec<String>,
+    /// HTTP API events (`/events`, `/batch_events`) per second for this app; 0 means no limit.
+    pub max_backend_events_per_second: u32,
+    /// HTTP API read requests (`GET`) per second for this app; 0 means no limit.
+    pub max_read_requests_per_second: u32,
+    /// Where this app's backend hears about channel and presence changes.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook target of an app.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Event types sent to this URL (`channel_occupied`, `channel_vacated`, `member_added`,
+    /// `member_removed`, `client_event`, `cache_miss`, `subscription_count`); empty means all.
+    pub event_types: Vec<String>,
+    /// Extra request headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Webhook delivery: batching, the bounded queue, workers and retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Events of one app and URL within this window go in one request.
+    pub batch_ms: u64,
+    /// Events waiting to be sent, across apps; beyond it new events are dropped and counted.
+    pub queue_size: usize,
+    /// Concurrent senders.
+    pub workers: usize,
+    /// Timeout of one request.
+    pub timeout_ms: u64,
+    /// 5xx, timeouts and connection errors are retried with backoff for up to this long.
+    pub max_retry_seconds: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self { batch_ms: 50, queue_size: 10_000, workers: 4, timeout_ms: 5_000, max_retry_seconds: 300 }
+    }
+}
+
+/// Rate limits that are not per app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// New WebSocket connections per second from one IP address; 0 means no limit.
+    pub connections_per_ip_per_second: u32,
+    /// `memory` (this node) or `redis` (shared by the cluster, at `adapter.redis.url`).
+    pub driver: String,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { connections_per_ip_per_second: 0, driver: "memory".into() }
+    }
 }
 
 impl Default for AppConfig {
@@ -327,6 +385,9 @@ impl Default for AppConfig {
             max_event_batch_size: 10,
             user_authentication_timeout: 0,
             allowed_origins: Vec::new(),
+            max_backend_events_per_second: 0,
+            max_read_requests_per_second: 0,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -363,6 +424,8 @@ impl Default for Config {
             adapter: AdapterConfig::default(),
             metrics: MetricsConfig::default(),
             otel: OtelConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            rate_limits: RateLimitConfig::default(),
             app_manager: AppManagerConfig::default(),
         }
     }
