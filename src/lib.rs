@@ -16,3 +16,4 @@ pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+pub mod webhooks;

@@ -1,7 +1,11 @@
 //! Rate limiters. [`TokenBucket`] is owned by one connection (client events per socket), so it
-//! needs no lock.
+//! needs no lock. [`RateLimiter`] counts requests per key in one-second windows, in memory
+//! (this node) or in Redis (shared by every node of a cluster).
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A token bucket refilled continuously at `rate` tokens per second, holding at most `rate`.
 #[derive(Debug)]
@@ -31,6 +35,100 @@ impl TokenBucket {
     }
 }
 
+/// The outcome of one check, with what the `X-RateLimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the window resets.
+    pub reset_after: u64,
+}
+
+/// Keys kept in memory at most; past it, windows that ended are dropped.
+const MAX_KEYS: usize = 100_000;
+
+enum Backend {
+    Memory(Mutex<HashMap<String, (u64, u32)>>),
+    Redis { conn: redis::aio::ConnectionManager, prefix: String, failures: AtomicU64 },
+}
+
+/// Fixed one-second windows per key.
+pub struct RateLimiter {
+    backend: Backend,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl RateLimiter {
+    pub fn memory() -> Self {
+        Self { backend: Backend::Memory(Mutex::default()) }
+    }
+
+    /// A limiter shared through Redis (fails with the URL, password masked, when unreachable).
+    pub async fn redis(url: &str, prefix: &str) -> Result<Self, String> {
+        let shown = crate::config::mask_url_password(url);
+        let client = redis::Client::open(url).map_err(|e| format!("cannot use Redis at {shown}: {e}"))?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), redis::aio::ConnectionManager::new(client))
+            .await
+            .map_err(|_| format!("cannot connect to Redis at {shown}: timed out"))?
+            .map_err(|e| format!("cannot connect to Redis at {shown}: {e}"))?;
+        Ok(Self { backend: Backend::Redis { conn, prefix: prefix.to_owned(), failures: AtomicU64::new(0) } })
+    }
+
+    /// Counts `cost` against `key`'s window of `limit` per second.
+    pub async fn check(&self, key: &str, limit: u32, cost: u32) -> Decision {
+        let now = now_secs();
+        let used = match &self.backend {
+            Backend::Memory(map) => {
+                let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= MAX_KEYS && !map.contains_key(key) {
+                    map.retain(|_, (window, _)| *window == now);
+                }
+                let slot = map.entry(key.to_owned()).or_insert((now, 0));
+                if slot.0 != now {
+                    *slot = (now, 0);
+                }
+                // Refused requests do not consume the window.
+                if slot.1.saturating_add(cost) <= limit {
+                    slot.1 += cost;
+                    slot.1
+                } else {
+                    slot.1.saturating_add(cost)
+                }
+            }
+            Backend::Redis { conn, prefix, failures } => {
+                let redis_key = format!("{prefix}:ratelimit:{key}:{now}");
+                let mut conn = conn.clone();
+                let result: redis::RedisResult<(u32,)> = redis::pipe()
+                    .cmd("INCRBY")
+                    .arg(&redis_key)
+                    .arg(cost)
+                    .cmd("EXPIRE")
+                    .arg(&redis_key)
+                    .arg(2)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await;
+                match result {
+                    Ok((n,)) => n,
+                    Err(err) => {
+                        // Fail open: a limiter outage must not take the API down with it.
+                        let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(error = %err, failures = n, "rate limiter unavailable; allowing requests");
+                        }
+                        0
+                    }
+                }
+            }
+        };
+        Decision { allowed: used <= limit, limit, remaining: limit.saturating_sub(used), reset_after: 1 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +138,15 @@ mod tests {
         let mut b = TokenBucket::per_second(3);
         assert!(b.try_take() && b.try_take() && b.try_take());
         assert!(!b.try_take());
+    }
+
+    #[tokio::test]
+    async fn windows_count_cost() {
+        let l = RateLimiter::memory();
+        assert!(l.check("k", 3, 2).await.allowed);
+        let d = l.check("k", 3, 2).await;
+        assert!(!d.allowed);
+        assert!(l.check("k", 3, 1).await.allowed, "a refused request consumed nothing");
+        assert!(l.check("other", 3, 3).await.allowed);
     }
 }

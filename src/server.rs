@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::state::State;
 use crate::telemetry::{Telemetry, PROMETHEUS_CONTENT_TYPE};
+use crate::webhooks::Webhooks;
 use crate::{api, connection};
 
 /// The bound listeners the server runs on (tests bind port 0 and pass them in).
@@ -80,7 +81,17 @@ async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, h
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let peer = stream.peer_addr().ok();
+        // Handlers see the peer address as axum's `ConnectInfo` (connection rate limits).
+        let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                if let Some(addr) = peer {
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+                }
+                req
+            },
+        ));
         let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
         let stop = shutdown.clone();
         let token = connections.token();
@@ -109,11 +120,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
     telemetry.install_logging(&config);
     let telemetry = Arc::new(telemetry);
     let metrics = telemetry.metrics.clone();
-    let apps = Arc::new(AppManager::from_config(&config, &metrics));
+    // An unreachable app database or a missing apps table is a ConfigError (exit 64), like a broker.
+    let apps = Arc::new(AppManager::connect(&config, &metrics).await?);
+    let webhooks = Webhooks::start(&config, metrics.clone())?;
     let (adapter, inbox) = Adapter::connect(&config, &node_id, metrics.clone(), apps.clone()).await?;
-    let adapter = Arc::new(adapter);
+    let adapter = Arc::new(adapter.with_webhooks(Some(webhooks.clone())));
     let cluster = inbox.map(|inbox| tokio::spawn(adapter.clone().run(inbox, shutdown.clone())));
-    let state = Arc::new(State::new(config.clone(), apps, adapter.clone(), metrics, shutdown.clone()));
+    let limiter = match config.rate_limits.driver.as_str() {
+        "redis" => crate::rate_limit::RateLimiter::redis(&config.adapter.redis.url, &config.adapter.redis.prefix)
+            .await
+            .map_err(|e| crate::config::ConfigError::new("rate_limits.driver", e))?,
+        _ => crate::rate_limit::RateLimiter::memory(),
+    };
+    let state = Arc::new(State::new(config.clone(), apps, adapter.clone(), metrics, limiter, shutdown.clone()));
 
     let sweeper = {
         let adapter = adapter.clone();
@@ -146,6 +165,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
     shutdown.wait().await;
     state.draining.store(true, Ordering::Release);
     let grace = Duration::from_secs(config.shutdown_grace_period);
+    let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(connections = state.connection_count(), grace_s = grace.as_secs(), "shutting down");
     let drained = tokio::time::timeout(grace, async {
         state.sockets.wait_idle().await;
@@ -159,6 +179,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
+    // After the sockets: their unsubscriptions are the last events. Webhooks get what is left
+    // of the grace period, and at least a second to flush.
+    webhooks.close(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1))).await;
     if let Some(c) = cluster {
         let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::adapter::Adapter;
 use crate::app::AppManager;
 use crate::config::Config;
+use crate::rate_limit::RateLimiter;
 use crate::shutdown::{Shutdown, Tracker};
 use crate::telemetry::Metrics;
 
@@ -15,6 +16,8 @@ pub struct State {
     pub apps: Arc<AppManager>,
     pub adapter: Arc<Adapter>,
     pub metrics: Arc<Metrics>,
+    /// API and connection-rate limits (per node, or cluster-wide through Redis).
+    pub limiter: RateLimiter,
     pub shutdown: Shutdown,
     /// Socket tasks; shutdown waits for them.
     pub sockets: Tracker,
@@ -31,6 +34,7 @@ impl State {
         apps: Arc<AppManager>,
         adapter: Arc<Adapter>,
         metrics: Arc<Metrics>,
+        limiter: RateLimiter,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -38,6 +42,7 @@ impl State {
             apps,
             adapter,
             metrics,
+            limiter,
             shutdown,
             sockets: Tracker::default(),
             draining: AtomicBool::new(false),

@@ -44,7 +44,7 @@ pub enum Header {
     #[serde(rename = "query")]
     Query { n: String, id: u64, a: String, q: Query },
     #[serde(rename = "answer")]
-    Answer { n: String, to: String, id: u64, body: Value },
+    Answer { n: String, to: String, id: u64, a: String, body: Value },
     #[serde(rename = "heartbeat")]
     Heartbeat { n: String },
     /// The sender is leaving (graceful shutdown): drop it now rather than after the timeout.

@@ -2,12 +2,18 @@
 //! the whole cluster; with Redis or NATS every broadcast, presence change, termination and
 //! channel query also goes to the other nodes through [`cluster`], whose semantics are written
 //! once for both brokers ([`transport`] only moves envelopes). Every side effect of a
-//! subscription change (presence events, subscription counts, gauges) happens here.
+//! subscription change (presence events, subscription counts, gauges, webhooks) happens here.
+//!
+//! Webhooks are reported once per cluster where Pusher's semantics need it: `member_added` and
+//! `member_removed` by the node where the change happened (never on receipt of another node's
+//! envelope), `channel_occupied`/`channel_vacated` by the node whose local change left the
+//! channel with subscribers on it alone or on no node at all (see [`Adapter::occupancy_changed`]).
 
 pub mod cluster;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +30,9 @@ use crate::protocol::rest::PublishEvent;
 use crate::protocol::{server, ChannelKind, ChannelName, PresenceMember, ProtocolError};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
+use crate::webhooks::{EventKind, WebhookEvent, Webhooks};
 use cluster::{Cluster, Header, PresenceEvent, Query};
+use tracing::Instrument;
 
 /// How often a node announces itself.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -40,6 +48,13 @@ pub struct Adapter {
     cluster: Option<Arc<Cluster>>,
     driver: &'static str,
     connected: watch::Receiver<bool>,
+    webhooks: Option<Arc<Webhooks>>,
+    /// The other live nodes' ids, kept beside `Cluster`'s liveness (added when a node is first
+    /// heard, removed when it leaves or expires) to pick the one node that reports a dead
+    /// node's presence members to webhooks.
+    peer_ids: Mutex<BTreeSet<Arc<str>>>,
+    /// Set when this node has said goodbye to the cluster: it can no longer ask the others.
+    leaving: AtomicBool,
 }
 
 /// The receiving half of a broker link, handed to [`Adapter::run`].
@@ -99,9 +114,23 @@ impl Adapter {
             cluster,
             driver: c.driver.as_str(),
             connected,
+            webhooks: None,
+            peer_ids: Mutex::default(),
+            leaving: AtomicBool::new(false),
         };
         adapter.record_state();
         Ok((adapter, inbox))
+    }
+
+    /// Reports channel, presence, client and cache events to `webhooks` from now on.
+    pub fn with_webhooks(mut self, webhooks: Option<Arc<Webhooks>>) -> Self {
+        self.webhooks = webhooks;
+        self
+    }
+
+    /// The webhook queue, when some webhook of `app` wants `kind`.
+    fn hooks(&self, app: &Arc<App>, kind: EventKind) -> Option<&Arc<Webhooks>> {
+        self.webhooks.as_ref().filter(|w| w.wants(app, kind))
     }
 
     pub fn channels(&self, app: &App) -> Arc<AppChannels> {
@@ -149,8 +178,16 @@ impl Adapter {
     }
 
     /// Broadcasts locally and, in a cluster, once to the broker for every other node (client
-    /// events, subscription counts): the socket `except` is skipped on every node.
+    /// events, subscription counts): the socket `except` is skipped on every node. A client
+    /// event (sent by `except`) is also reported to webhooks, by this node only.
     pub fn relay(&self, app: &Arc<App>, channel: &ChannelName, text: Utf8Bytes, except: Option<&str>, event: &str) {
+        if let (Some(webhooks), Some(socket_id), true) =
+            (self.hooks(app, EventKind::ClientEvent), except, event.starts_with("client-"))
+        {
+            if let Some(e) = WebhookEvent::from_client_frame(text.as_str(), socket_id) {
+                webhooks.emit(app, e);
+            }
+        }
         self.broadcast_everywhere(app, channel, text, except, event);
     }
 
@@ -249,10 +286,21 @@ impl Adapter {
         self.metrics.subscribed(&app.attrs, channel.channel_type());
         if outcome.occupied {
             self.metrics.channel_occupied(&app.attrs, channel.channel_type());
+            self.occupancy_changed(app, channel, true);
         }
         if let (true, Some((user, info))) = (outcome.member_added, &joining) {
             let frame = server::member_added(channel.as_str(), user, info);
             self.broadcast(app, channel, Utf8Bytes::from(frame), Some(&handle.id), None);
+            if let Some(webhooks) = self.hooks(app, EventKind::MemberAdded) {
+                let (channel, user_id) = (channel.as_str().to_owned(), user.clone());
+                webhooks.emit(app, WebhookEvent::MemberAdded { channel, user_id });
+            }
+        }
+        // The same test the session makes right after this to send `pusher:cache_miss`.
+        if let (true, Some(webhooks)) = (channel.is_cache(), self.hooks(app, EventKind::CacheMiss)) {
+            if chans.cached(channel.as_str()).is_none() {
+                webhooks.emit(app, WebhookEvent::CacheMiss { channel: channel.as_str().to_owned() });
+            }
         }
         self.count_changed(app, channel);
         Ok(outcome)
@@ -265,6 +313,7 @@ impl Adapter {
         self.metrics.unsubscribed(&app.attrs, out.channel_type, 1);
         if out.vacated {
             self.metrics.channel_vacated(&app.attrs, out.channel_type);
+            self.occupancy_changed(app, channel, false);
         }
         if let Some(user_id) = out.member_removed {
             let gone = match &self.cluster {
@@ -285,17 +334,70 @@ impl Adapter {
             if gone {
                 let frame = server::member_removed(channel.as_str(), &user_id);
                 self.broadcast(app, channel, Utf8Bytes::from(frame), None, None);
+                if let Some(webhooks) = self.hooks(app, EventKind::MemberRemoved) {
+                    let user_id = user_id.to_string();
+                    webhooks.emit(app, WebhookEvent::MemberRemoved { channel: channel.as_str().to_owned(), user_id });
+                }
             }
         }
         self.count_changed(app, channel);
         true
     }
 
+    /// Reports `channel_occupied` / `channel_vacated` after the channel's first local
+    /// subscriber came or its last one went. Alone, this node is the cluster. In a cluster it
+    /// asks the others and reports only when none of them has a subscriber, so a channel
+    /// joined on several nodes is reported once, by the node that occupied it first.
+    ///
+    /// The race, accepted: two nodes whose first local subscribers arrive within one query
+    /// round trip each see the other's and neither reports `channel_occupied`; two nodes
+    /// whose last subscribers leave that close together may both report `channel_vacated`.
+    /// A node that does not answer in time counts as having none (a duplicate rather than a
+    /// lost event), and a node that is shutting down reports nothing (its bus is closed; its
+    /// clients reconnect to the others). The two checks of one channel run concurrently, so a
+    /// subscribe and unsubscribe in quick succession may, rarely, be reported out of order.
+    fn occupancy_changed(self: &Arc<Self>, app: &Arc<App>, channel: &ChannelName, occupied: bool) {
+        let kind = if occupied { EventKind::ChannelOccupied } else { EventKind::ChannelVacated };
+        let Some(webhooks) = self.hooks(app, kind) else { return };
+        let name = channel.as_str().to_owned();
+        let event = if occupied {
+            WebhookEvent::ChannelOccupied { channel: name }
+        } else {
+            WebhookEvent::ChannelVacated { channel: name }
+        };
+        match &self.cluster {
+            Some(cluster) if cluster.peers() > 0 => {
+                if self.leaving.load(Ordering::Acquire) {
+                    return;
+                }
+                let (this, app, channel, webhooks) = (self.clone(), app.clone(), channel.clone(), webhooks.clone());
+                let check = async move {
+                    let elsewhere: u64 = this
+                        .ask(&app, Query::Channel { name: channel.as_str().to_owned() })
+                        .await
+                        .iter()
+                        .map(|a| a.as_u64().unwrap_or(0))
+                        .sum();
+                    if elsewhere == 0 && !this.leaving.load(Ordering::Acquire) {
+                        webhooks.emit(&app, event);
+                    }
+                };
+                // In the span of the change, so the webhook continues its trace.
+                tokio::spawn(check.instrument(tracing::Span::current()));
+            }
+            _ => webhooks.emit(app, event),
+        }
+    }
+
     /// Schedules one `pusher_internal:subscription_count` for the channel after the debounce
-    /// delay, when the app has the feature on (Pusher sends none for presence channels). The
-    /// count is cluster-wide and the event reaches subscribers on every node.
+    /// delay, when the app has the feature on (Pusher sends none for presence channels), and
+    /// the `subscription_count` webhook when the app has one. The count is cluster-wide and
+    /// the event reaches subscribers on every node.
     fn count_changed(self: &Arc<Self>, app: &Arc<App>, channel: &ChannelName) {
-        if !app.settings.enable_subscription_count || channel.kind() == ChannelKind::Presence {
+        let to_sockets = app.settings.enable_subscription_count;
+        if !(to_sockets || self.hooks(app, EventKind::SubscriptionCount).is_some())
+            || channel.kind() == ChannelKind::Presence
+        {
             return;
         }
         let key = (app.id.clone(), Arc::<str>::from(channel.as_str()));
@@ -313,10 +415,17 @@ impl Adapter {
             tokio::time::sleep(debounce).await;
             this.pending_counts.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
             let count = this.channel_info(&app, &channel).await.subscription_count;
+            // A count of 0 is not reported: `channel_vacated` says it.
             if count > 0 {
-                let frame = server::subscription_count(channel.as_str(), count);
-                let text = Utf8Bytes::from(frame);
-                this.broadcast_everywhere(&app, &channel, text, None, "pusher_internal:subscription_count");
+                if to_sockets {
+                    let frame = server::subscription_count(channel.as_str(), count);
+                    let text = Utf8Bytes::from(frame);
+                    this.broadcast_everywhere(&app, &channel, text, None, "pusher_internal:subscription_count");
+                }
+                if let Some(webhooks) = this.hooks(&app, EventKind::SubscriptionCount) {
+                    let channel = channel.as_str().to_owned();
+                    webhooks.emit(&app, WebhookEvent::SubscriptionCount { channel, count });
+                }
             }
         });
     }
@@ -419,7 +528,9 @@ impl Adapter {
                     cluster.send(&Header::Heartbeat { n: cluster.me() }, b"");
                     for node in cluster.expire() {
                         tracing::warn!(node = %node, "cluster node went silent; removing its presence members");
+                        self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
                         let events = cluster.drop_node(&node);
+                        self.dead_node_members_removed(&cluster, &events).await;
                         self.announce(events).await;
                     }
                     self.record_state();
@@ -436,6 +547,7 @@ impl Adapter {
                     }
                 }
                 _ = shutdown.wait() => {
+                    self.leaving.store(true, Ordering::Release);
                     cluster.send(&Header::Leave { n: cluster.me() }, b"");
                     // Give the publisher a moment to hand the farewell to the broker.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -452,6 +564,7 @@ impl Adapter {
             return;
         }
         if cluster.seen(&sender) {
+            self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).insert(Arc::from(sender.as_str()));
             tracing::info!(node = %sender, "cluster node joined");
             cluster.send(&Header::Snapshot { n: cluster.me(), members: cluster.snapshot() }, b"");
             self.record_state();
@@ -501,18 +614,23 @@ impl Adapter {
                         Err(_) => json!(0),
                     },
                 };
-                cluster.send(&Header::Answer { n: cluster.me(), to: n, id, body }, b"");
+                cluster.send(&Header::Answer { n: cluster.me(), to: n, id, a: app.id.clone(), body }, b"");
                 self.metrics.adapter_answered(&app.attrs);
             }
-            Header::Answer { to, id, body, .. } => {
+            Header::Answer { to, id, a, body, .. } => {
                 if to == *cluster.node && cluster.answered(id, body) {
-                    self.metrics.adapter_response(self.metrics.unknown());
+                    if let Some(app) = self.apps.find_by_id(&a).await {
+                        self.metrics.adapter_response(&app.attrs);
+                    }
                 }
             }
             Header::Heartbeat { .. } => {}
             Header::Leave { n } => {
                 tracing::info!(node = %n, "cluster node left");
                 cluster.forget(&n);
+                self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).remove(n.as_str());
+                // No webhooks here: a leaving node's sessions unsubscribe as they close, and
+                // it reports its own members' `member_removed` on that path.
                 let events = cluster.drop_node(&n);
                 self.announce(events).await;
                 self.record_state();
@@ -539,6 +657,24 @@ impl Adapter {
                 if let Some(app) = self.apps.find_by_id(&a).await {
                     self.terminate_local(&app, &u);
                 }
+            }
+        }
+    }
+
+    /// Reports to webhooks the members a silent (dead) node took with it. Every node sees the
+    /// same removals; only the live node with the lowest id reports them, so they are
+    /// reported once (twice only while nodes disagree about who is alive).
+    async fn dead_node_members_removed(&self, cluster: &Cluster, events: &[PresenceEvent]) {
+        let Some(webhooks) = &self.webhooks else { return };
+        let lowest = self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|p| **p > *cluster.node);
+        if !lowest {
+            return;
+        }
+        for event in events {
+            let PresenceEvent::Removed { app, channel, user } = event else { continue };
+            let Some(app) = self.apps.find_by_id(app).await else { continue };
+            if webhooks.wants(&app, EventKind::MemberRemoved) {
+                webhooks.emit(&app, WebhookEvent::MemberRemoved { channel: channel.clone(), user_id: user.clone() });
             }
         }
     }

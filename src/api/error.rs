@@ -13,6 +13,9 @@ pub enum ApiError {
     AppNotFound,
     #[error("app is disabled")]
     AppDisabled,
+    /// The app store could not answer (its database is down) and the app is not cached.
+    #[error("app lookup failed")]
+    AppLookupFailed,
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -23,6 +26,8 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("rate limit exceeded: at most {} per second", .0.limit)]
+    RateLimited(crate::rate_limit::Decision),
 }
 
 impl ApiError {
@@ -31,7 +36,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::AppNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AppDisabled => StatusCode::FORBIDDEN,
+            ApiError::AppLookupFailed => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Body(BodyError::PayloadTooLarge(_)) | ApiError::PayloadTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE

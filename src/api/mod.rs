@@ -39,6 +39,10 @@ impl Outcome {
 
 /// Records the request in the HTTP metrics and renders it.
 fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
+    let limited = match &outcome.result {
+        Err(ApiError::RateLimited(d)) => Some(*d),
+        _ => None,
+    };
     let (status, body) = match outcome.result {
         Ok(v) => (StatusCode::OK, v.to_string()),
         Err(e) => {
@@ -54,7 +58,40 @@ fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
     };
     let attrs = outcome.app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
     state.metrics.http_call(attrs, request_bytes as u64, body.len() as u64);
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(d) = limited {
+        let h = response.headers_mut();
+        h.insert(header::RETRY_AFTER, d.reset_after.into());
+        h.insert("x-ratelimit-limit", d.limit.into());
+        h.insert("x-ratelimit-remaining", d.remaining.into());
+        h.insert("x-ratelimit-reset", d.reset_after.into());
+    }
+    response
+}
+
+/// Which API budget a request spends.
+#[derive(Clone, Copy)]
+enum Budget {
+    Events(u32),
+    Read,
+}
+
+/// Checks the app's API rate limit; refusals are 429 with `Retry-After` and `X-RateLimit-*`.
+async fn spend(state: &State, app: &App, budget: Budget) -> Result<(), ApiError> {
+    let (limit, cost, kind) = match budget {
+        Budget::Events(n) => (app.settings.max_backend_events_per_second, n, "events"),
+        Budget::Read => (app.settings.max_read_requests_per_second, 1, "reads"),
+    };
+    if limit == 0 {
+        return Ok(());
+    }
+    let decision = state.limiter.check(&format!("api:{}:{kind}", app.id), limit, cost).await;
+    state.metrics.rate_limit(&app.attrs, crate::telemetry::Limiter::HttpApi, !decision.allowed);
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(ApiError::RateLimited(decision))
+    }
 }
 
 /// Reads the body, refusing (413) as soon as it passes the limit rather than after buffering.
@@ -89,7 +126,11 @@ async fn authenticate(
     query: Option<&str>,
     body: &[u8],
 ) -> Result<Arc<App>, (Option<Arc<App>>, ApiError)> {
-    let app = state.apps.find_by_id(app_id).await.ok_or((None, ApiError::AppNotFound))?;
+    let app = match state.apps.lookup_by_id(app_id).await {
+        Ok(Some(app)) => app,
+        Ok(None) => return Err((None, ApiError::AppNotFound)),
+        Err(_) => return Err((None, ApiError::AppLookupFailed)),
+    };
     tracing::Span::current().record("sockudo.app_id", app.id.as_str());
     let req = SignedRequest { method: method.as_str(), path: uri.path(), query: query.unwrap_or(""), body };
     if let Err(e) = auth::verify_api_request(
@@ -205,6 +246,7 @@ pub async fn events(
     signed(&state, &app_id, method, uri, q, headers, body, |app, body| async move {
         let event = rest::parse_event(&body, &app.publish_limits())?;
         check_info(&event)?;
+        spend(&st, &app, Budget::Events(1)).await?;
         publish(&st, &app, &event, started).await
     })
     .await
@@ -226,6 +268,7 @@ pub async fn batch_events(
         let events = rest::parse_batch(&body, &app.publish_limits())?;
         // The whole batch is checked before any of it is published.
         events.iter().try_for_each(check_info)?;
+        spend(&st, &app, Budget::Events(events.len() as u32)).await?;
         let mut infos = Vec::with_capacity(events.len());
         let mut any_info = false;
         for event in &events {
@@ -257,6 +300,7 @@ pub async fn channels(
     let info = info_fields(query_param(q.as_deref(), "info"));
     let st = state.clone();
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        spend(&st, &app, Budget::Read).await?;
         if info.iter().any(|f| f == "user_count") && !prefix.starts_with("presence-") {
             return Err(ApiError::BadRequest("info=user_count requires filter_by_prefix=presence-".into()));
         }
@@ -286,6 +330,7 @@ pub async fn channel(
     let info = info_fields(query_param(q.as_deref(), "info"));
     let st = state.clone();
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        spend(&st, &app, Budget::Read).await?;
         let channel = channel_path(&app, &name)?;
         let counts = st.adapter.channel_info(&app, &channel).await;
         let mut out = attributes(&counts, &info)?;
@@ -307,6 +352,7 @@ pub async fn channel_users(
 ) -> Response {
     let st = state.clone();
     signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+        spend(&st, &app, Budget::Read).await?;
         let channel = channel_path(&app, &name)?;
         if channel.kind() != ChannelKind::Presence {
             return Err(ApiError::BadRequest("users are only available for presence channels".into()));
@@ -350,10 +396,11 @@ pub async fn up_app(AxumState(state): S, Path(app_id): Path<String>) -> Response
     if !state.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response();
     }
-    match state.apps.find_by_id(&app_id).await {
-        Some(app) if app.settings.enabled => (StatusCode::OK, "OK").into_response(),
-        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "APP DISABLED").into_response(),
-        None => (StatusCode::NOT_FOUND, "APP NOT FOUND").into_response(),
+    match state.apps.lookup_by_id(&app_id).await {
+        Ok(Some(app)) if app.settings.enabled => (StatusCode::OK, "OK").into_response(),
+        Ok(Some(_)) => (StatusCode::SERVICE_UNAVAILABLE, "APP DISABLED").into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "APP NOT FOUND").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "APP LOOKUP FAILED").into_response(),
     }
 }
 

@@ -1,12 +1,16 @@
-//! Apps (tenants): their settings, secret and metric attribute sets, loaded once and looked up by
-//! key on connect and by id on API calls.
+//! Apps (tenants): their settings, secret and metric attribute sets, looked up by key on connect
+//! and by id on API calls. They come from the config file (`app_manager.driver = "config"`) or
+//! from a PostgreSQL or MySQL/MariaDB table behind a TTL cache (`sql.rs`, `cache.rs`).
+
+mod cache;
+mod sql;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, ConfigError};
 use crate::protocol::client::ParseLimits;
 use crate::protocol::rest::PublishLimits;
 use crate::telemetry::{AppAttrs, Metrics};
@@ -19,8 +23,9 @@ pub struct App {
     pub settings: AppConfig,
     /// Metric attribute sets, built once.
     pub attrs: AppAttrs,
-    /// Connections of this app open on this node (for `max_connections`).
-    connections: AtomicU64,
+    /// Connections of this app open on this node (for `max_connections`), shared with the `App`
+    /// that a changed row in the app table replaces.
+    connections: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for App {
@@ -32,13 +37,19 @@ impl fmt::Debug for App {
 
 impl App {
     pub fn new(settings: AppConfig, metrics: &Metrics) -> Self {
+        Self::with_connections(settings, metrics, Arc::default())
+    }
+
+    /// An app that counts its connections in `connections`, which it may share with the `App` it
+    /// replaces.
+    fn with_connections(settings: AppConfig, metrics: &Metrics, connections: Arc<AtomicU64>) -> Self {
         Self {
             id: settings.id.clone(),
             key: settings.key.clone(),
             secret: settings.secret.clone(),
             attrs: metrics.app_attrs(&settings.id),
             settings,
-            connections: AtomicU64::new(0),
+            connections,
         }
     }
 
@@ -100,33 +111,110 @@ impl App {
     }
 }
 
-/// Apps from the config file, indexed by key and by id.
+/// A lookup the app store could not answer (the database is down and the app is not cached).
+/// It is not "no such app": the API answers it with 503, not 404.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("app lookup failed")]
+    Unavailable,
+}
+
+/// Where apps come from.
+enum Backend {
+    /// The config file's apps, indexed by key and by id.
+    Config {
+        by_key: HashMap<String, Arc<App>>,
+        by_id: HashMap<String, Arc<App>>,
+    },
+    Sql(Box<sql::SqlApps>),
+    /// A SQL store that could not be built by `from_config` (it does not return errors): every
+    /// lookup fails. `connect` reports the same problem at startup instead.
+    Broken,
+}
+
+/// The apps, looked up by key and by id.
 pub struct AppManager {
-    by_key: HashMap<String, Arc<App>>,
-    by_id: HashMap<String, Arc<App>>,
+    backend: Backend,
 }
 
 impl AppManager {
-    pub fn from_config(config: &Config, metrics: &Metrics) -> Self {
+    /// The app manager for `app_manager.driver`, without touching the network: a SQL pool
+    /// connects on first use. Prefer [`AppManager::connect`], which checks the database at
+    /// startup.
+    pub fn from_config(config: &Config, metrics: &Arc<Metrics>) -> Self {
+        if config.app_manager.driver == "config" {
+            return Self::from_apps(&config.app_manager.array.apps, metrics);
+        }
+        match sql::SqlApps::lazy(config, metrics) {
+            Ok(apps) => Self { backend: Backend::Sql(Box::new(apps)) },
+            Err(error) => {
+                tracing::error!(error = %error, "the app store cannot be used; every app lookup will fail");
+                Self { backend: Backend::Broken }
+            }
+        }
+    }
+
+    /// The app manager for `app_manager.driver`. With a SQL driver it connects and reads the
+    /// table once, so an unreachable database or a missing table stops startup with a
+    /// `ConfigError` naming `app_manager.sql.url` or `app_manager.sql.table` (password masked).
+    pub async fn connect(config: &Config, metrics: &Arc<Metrics>) -> Result<Self, ConfigError> {
+        if config.app_manager.driver == "config" {
+            return Ok(Self::from_apps(&config.app_manager.array.apps, metrics));
+        }
+        Ok(Self { backend: Backend::Sql(Box::new(sql::SqlApps::connect(config, metrics).await?)) })
+    }
+
+    fn from_apps(apps: &[AppConfig], metrics: &Metrics) -> Self {
         let mut by_key = HashMap::new();
         let mut by_id = HashMap::new();
-        for settings in &config.app_manager.array.apps {
+        for settings in apps {
             let app = Arc::new(App::new(settings.clone(), metrics));
             by_key.insert(app.key.clone(), app.clone());
             by_id.insert(app.id.clone(), app);
         }
-        Self { by_key, by_id }
+        Self { backend: Backend::Config { by_key, by_id } }
     }
 
+    async fn lookup(&self, by: cache::By, needle: &str) -> Result<Option<Arc<App>>, LookupError> {
+        match &self.backend {
+            Backend::Config { by_key, by_id } => {
+                let index = match by {
+                    cache::By::Key => by_key,
+                    cache::By::Id => by_id,
+                };
+                Ok(index.get(needle).cloned())
+            }
+            Backend::Sql(apps) => apps.find(by, needle).await,
+            Backend::Broken => Err(LookupError::Unavailable),
+        }
+    }
+
+    /// The app with this key; `Err` when the app store cannot answer and the app is not cached.
+    pub async fn lookup_by_key(&self, key: &str) -> Result<Option<Arc<App>>, LookupError> {
+        self.lookup(cache::By::Key, key).await
+    }
+
+    /// The app with this id; `Err` when the app store cannot answer and the app is not cached.
+    pub async fn lookup_by_id(&self, id: &str) -> Result<Option<Arc<App>>, LookupError> {
+        self.lookup(cache::By::Id, id).await
+    }
+
+    /// The app with this key, `None` when there is none or it cannot be looked up.
     pub async fn find_by_key(&self, key: &str) -> Option<Arc<App>> {
-        self.by_key.get(key).cloned()
+        self.lookup_by_key(key).await.ok().flatten()
     }
 
+    /// The app with this id, `None` when there is none or it cannot be looked up.
     pub async fn find_by_id(&self, id: &str) -> Option<Arc<App>> {
-        self.by_id.get(id).cloned()
+        self.lookup_by_id(id).await.ok().flatten()
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Arc<App>> {
-        self.by_id.values()
+    /// Every configured app; with a SQL driver, the apps cached now.
+    pub fn all(&self) -> Vec<Arc<App>> {
+        match &self.backend {
+            Backend::Config { by_id, .. } => by_id.values().cloned().collect(),
+            Backend::Sql(apps) => apps.cached(),
+            Backend::Broken => Vec::new(),
+        }
     }
 }

@@ -116,6 +116,12 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
     if let Some((v, _)) = get(e, &["NATS_SERVERS"]) {
         c.adapter.nats.servers = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
     }
+    if let Some((v, _)) = get(e, &["APP_MANAGER_DRIVER"]) {
+        c.app_manager.driver = v.trim().to_ascii_lowercase();
+    }
+    if let Some((v, _)) = get(e, &["DATABASE_URL"]) {
+        c.app_manager.sql.url = v.trim().to_owned();
+    }
     apply_otel(c, e)?;
     let default_app = [
         get(e, &["SOCKUDO_DEFAULT_APP_ID"]),

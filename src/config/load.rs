@@ -189,6 +189,12 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.http_api.max_body_kb == 0 {
         return Err(ConfigError::new("http_api.max_body_kb", "must be above 0"));
     }
+    if !matches!(c.rate_limits.driver.as_str(), "memory" | "redis") {
+        return Err(ConfigError::new(
+            "rate_limits.driver",
+            format!("{:?} is not memory or redis", c.rate_limits.driver),
+        ));
+    }
     let a = &c.adapter;
     if a.request_timeout_ms == 0 || a.node_timeout_ms < 2000 {
         return Err(ConfigError::new(
@@ -208,13 +214,59 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         }
         _ => {}
     }
-    if c.app_manager.driver != "config" {
+    let m = &c.app_manager;
+    match m.driver.as_str() {
+        "config" => validate_config_apps(&m.array.apps),
+        "postgres" | "mysql" => validate_sql(&m.driver, &m.sql),
+        other => Err(ConfigError::new("app_manager.driver", format!("{other:?} is not config, postgres or mysql"))),
+    }
+}
+
+/// `app_manager.sql` for the `postgres` and `mysql` drivers (`array` is then ignored).
+fn validate_sql(driver: &str, sql: &super::SqlAppsConfig) -> Result<(), ConfigError> {
+    if sql.url.is_empty() {
         return Err(ConfigError::new(
-            "app_manager.driver",
-            format!("{:?} is not supported; use \"config\"", c.app_manager.driver),
+            "app_manager.sql.url",
+            format!("is required with the {driver} driver (or DATABASE_URL)"),
         ));
     }
-    let apps = &c.app_manager.array.apps;
+    let schemes: &[&str] =
+        if driver == "postgres" { &["postgres://", "postgresql://"] } else { &["mysql://", "mariadb://"] };
+    if !schemes.iter().any(|s| sql.url.starts_with(s)) {
+        return Err(ConfigError::new(
+            "app_manager.sql.url",
+            format!("{} must start with {} for the {driver} driver", mask_url_password(&sql.url), schemes.join(" or ")),
+        ));
+    }
+    let identifier = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && part
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_alphabetic() || b == b'_' || (i > 0 && b.is_ascii_digit()))
+    };
+    let parts: Vec<&str> = sql.table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| identifier(p)) {
+        return Err(ConfigError::new(
+            "app_manager.sql.table",
+            format!("{:?} must be a name or schema.name of [A-Za-z_][A-Za-z0-9_]*", sql.table),
+        ));
+    }
+    for (key, value) in [
+        ("app_manager.sql.cache_ttl_seconds", sql.cache_ttl_seconds),
+        ("app_manager.sql.pool_size", u64::from(sql.pool_size)),
+        ("app_manager.sql.connect_timeout_ms", sql.connect_timeout_ms),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::new(key, "must be above 0"));
+        }
+    }
+    Ok(())
+}
+
+/// `app_manager.array.apps` for the `config` driver.
+fn validate_config_apps(apps: &[super::AppConfig]) -> Result<(), ConfigError> {
     if apps.is_empty() {
         return Err(ConfigError::new("app_manager.array.apps", "at least one app is required"));
     }

@@ -266,9 +266,37 @@ pub struct PrometheusConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppManagerConfig {
-    /// `config`: apps from `array.apps`.
+    /// `config`: apps from `array.apps`; `postgres` or `mysql` (MySQL and MariaDB): apps from
+    /// the table at `sql` (`APP_MANAGER_DRIVER`).
     pub driver: String,
     pub array: AppArray,
+    pub sql: SqlAppsConfig,
+}
+
+/// Apps from PostgreSQL or MySQL/MariaDB, looked up on demand and cached for a while. The schema
+/// is `migrations/{postgres,mysql}/0001_apps.sql`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlAppsConfig {
+    /// `postgres://user:password@host:5432/db` or `mysql://user:password@host:3306/db`
+    /// (`DATABASE_URL`). It must be reachable at startup; its password is masked in messages.
+    pub url: String,
+    /// The apps table, `name` or `schema.name`.
+    pub table: String,
+    /// How long a looked-up app is reused before the database is asked again, so an app
+    /// disabled or changed in the database takes effect within this. Unknown keys are cached
+    /// for at most 5 s. While the database is down, cached apps are served past this.
+    pub cache_ttl_seconds: u64,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Bounds connecting, and waiting for a pooled connection; a lookup gets twice this.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for SqlAppsConfig {
+    fn default() -> Self {
+        Self { url: String::new(), table: "apps".into(), cache_ttl_seconds: 60, pool_size: 5, connect_timeout_ms: 5000 }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -500,7 +528,7 @@ impl Default for PrometheusConfig {
 
 impl Default for AppManagerConfig {
     fn default() -> Self {
-        Self { driver: "config".into(), array: AppArray::default() }
+        Self { driver: "config".into(), array: AppArray::default(), sql: SqlAppsConfig::default() }
     }
 }
 

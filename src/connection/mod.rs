@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State as AxumState};
-use axum::http::{header, HeaderMap};
-use axum::response::Response;
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::telemetry::Limiter;
 use futures_util::SinkExt;
 
 use crate::app::App;
@@ -23,8 +28,22 @@ pub async fn upgrade(
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     AxumState(state): AxumState<Arc<State>>,
 ) -> Response {
+    let per_ip = state.config.rate_limits.connections_per_ip_per_second;
+    if let (Some(axum::Extension(ConnectInfo(addr))), true) = (peer, per_ip > 0) {
+        let decision = state.limiter.check(&format!("ip:{}", addr.ip()), per_ip, 1).await;
+        let app = state.apps.find_by_key(&key).await;
+        let attrs = app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
+        state.metrics.rate_limit(attrs, Limiter::WebsocketConnect, !decision.allowed);
+        if !decision.allowed {
+            tracing::info!(ip = %addr.ip(), "connection refused: connection rate limit");
+            let mut r = (StatusCode::TOO_MANY_REQUESTS, "connection rate limit exceeded").into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, decision.reset_after.into());
+            return r;
+        }
+    }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let c = &state.config.websocket;
     let hard = c.hard_max_message_size_kb * 1024;

@@ -98,11 +98,15 @@ impl Session<'_> {
         tokio::pin!(timer);
         let mut shutting_down = false;
         let mut batch: Vec<Frame> = Vec::new();
+        // Built once: a fresh shutdown future per loop turn would cost a receiver clone each.
+        let shutdown = self.state.shutdown.clone();
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
         loop {
             let signin_deadline = self.signin_deadline;
             tokio::select! {
                 biased;
-                _ = self.state.shutdown.wait(), if !shutting_down => {
+                _ = &mut stop, if !shutting_down => {
                     shutting_down = true;
                     self.close_with(ProtocolError::ShuttingDown);
                 }

@@ -182,7 +182,7 @@ impl Metrics {
         };
         m.build_info
             .record(1, &[KeyValue::new("port", port as i64), KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
-        m.register_app(&m.unknown);
+        m.register_unknown();
         m
     }
 
@@ -197,6 +197,27 @@ impl Metrics {
     /// The attribute set for traffic that no app was found for.
     pub fn unknown(&self) -> &AppAttrs {
         &self.unknown
+    }
+
+    /// Traffic without an app can only be refused: its series are the refusal families.
+    fn register_unknown(&self) {
+        let a = &self.unknown;
+        for c in [
+            &self.http_calls_received,
+            &self.http_received_bytes,
+            &self.http_transmitted_bytes,
+            &self.ws_messages_sent,
+            &self.socket_transmitted_bytes,
+        ] {
+            c.add(0, &a.base);
+        }
+        for e in &a.errors {
+            self.connection_errors.add(0, e);
+        }
+        for l in &a.limiter {
+            self.rate_limit_checks.add(0, l);
+            self.rate_limit_triggered.add(0, l);
+        }
     }
 
     fn register_app(&self, a: &AppAttrs) {

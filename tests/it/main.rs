@@ -5,11 +5,14 @@
 
 mod api;
 mod api_signing;
+mod apps_sql;
 mod clients;
 mod cluster;
 mod config;
 mod hostile;
 mod metrics;
 mod protocol;
+mod rate_limits;
 mod support;
 mod telemetry;
+mod webhooks;

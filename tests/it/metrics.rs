@@ -181,7 +181,12 @@ async fn every_family_matches_the_contract_and_passes_promtool() {
 async fn families_exist_at_zero_from_the_first_scrape() {
     let server = TestServer::start().await;
     let text = server.scrape().await;
-    for app in ["app-id", "12345", "unknown"] {
+    // Unresolved traffic can only be refused: `unknown` has the refusal families, not gauges.
+    for family in ["sockudo_connection_errors_total", "sockudo_http_calls_received_total"] {
+        assert!(sample(&text, family, &[("app_id", "unknown")]).is_some(), "{family}");
+    }
+    assert_eq!(sample(&text, "sockudo_connected", &[("app_id", "unknown")]), None);
+    for app in ["app-id", "12345"] {
         assert_eq!(sample(&text, "sockudo_connected", &[("app_id", app)]), Some(0.0), "{app}");
         assert_eq!(sample(&text, "sockudo_new_connections_total", &[("app_id", app)]), Some(0.0));
         for t in ["public", "private", "presence", "private_encrypted", "cache"] {
@@ -222,7 +227,7 @@ async fn connection_counts_are_exact() {
         eventually(WAIT, || async { server.metric("sockudo_connection_errors_total", &unknown).await == Some(1.0) })
             .await
     );
-    assert_eq!(server.metric("sockudo_new_connections_total", &[("app_id", "unknown")]).await, Some(0.0));
+    assert_eq!(server.metric("sockudo_new_connections_total", &[("app_id", "unknown")]).await, None);
     assert_eq!(m("sockudo_new_connections_total").await, 5.0);
     // Abrupt resets count too.
     for c in clients.drain(..) {

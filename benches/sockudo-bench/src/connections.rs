@@ -51,7 +51,8 @@ pub struct ConnectionsReport {
     /// Connections that the server ended while they were held.
     pub dropped_during_hold: u64,
     pub close_seconds: f64,
-    pub server_cpu_seconds_opening: Option<f64>,
+    /// CPU use while the connections were being opened.
+    pub cpu_opening: sys::CpuUse,
 }
 
 impl ConnectionsReport {
@@ -84,7 +85,15 @@ impl ConnectionsReport {
             self.rss_per_connection_kb.map(|v| format!("{v:.2} KB")).unwrap_or_else(|| "n/a".into()),
         );
         t.kv("server RSS after close", kb(self.rss_after_close_kb));
-        t.kv("server CPU s while opening", report::opt(self.server_cpu_seconds_opening, 2));
+        t.kv(
+            "CPU s while opening: server / bench / other",
+            format!(
+                "{} / {} / {}",
+                report::opt(self.cpu_opening.server_cpu_seconds, 2),
+                report::opt(self.cpu_opening.bench_cpu_seconds, 2),
+                report::opt(self.cpu_opening.other_cpu_seconds, 2)
+            ),
+        );
         t.kv("dropped while held", self.dropped_during_hold);
         t.kv("close time s", format!("{:.2}", self.close_seconds));
         if let Some(f) = &self.first_failure {
@@ -99,7 +108,7 @@ impl ConnectionsReport {
             self.params.connections, self.params.channels, self.params.concurrency
         );
         let result = format!(
-            "{} opened, {} failed; {:.0} connects/s (p99 {:.2} ms); server RSS {} KB per connection ({} -> {} KB, {} KB after close); {} dropped while held",
+            "{} opened, {} failed; {:.0} connects/s (p99 {:.2} ms); server RSS {} KB per connection ({} -> {} KB, {} KB after close); {} dropped while held; other load {} CPU s while opening",
             self.opened,
             self.failed,
             self.connects_per_second,
@@ -108,7 +117,8 @@ impl ConnectionsReport {
             self.rss_before_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
             self.rss_after_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
             self.rss_after_close_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
-            self.dropped_during_hold
+            self.dropped_during_hold,
+            report::opt(self.cpu_opening.other_cpu_seconds, 1)
         );
         (params, result)
     }
@@ -224,7 +234,7 @@ pub async fn run(
         }
     }
     let open_seconds = started.elapsed().as_secs_f64();
-    let cpu_opening = cpu.stop().server_cpu_seconds;
+    let cpu_opening = cpu.stop();
     progress(&format!("[connections] {opened} open, {failed} failed in {open_seconds:.2}s; settling"));
 
     tokio::time::sleep(sys::secs(params.settle_seconds)).await;
@@ -266,6 +276,6 @@ pub async fn run(
         rss_after_close_kb: rss_after_close,
         dropped_during_hold,
         close_seconds,
-        server_cpu_seconds_opening: cpu_opening,
+        cpu_opening,
     })
 }

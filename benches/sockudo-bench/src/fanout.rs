@@ -150,6 +150,7 @@ impl StepResult {
             self.http_errors.to_string(),
             report::opt(self.server_cpu_seconds_per_million_deliveries, 2),
             report::opt(self.bench_cpu_seconds_per_million_deliveries, 2),
+            report::opt(self.cpu.other_cpu_seconds, 1),
         ]
     }
 }
@@ -679,6 +680,10 @@ impl FanoutReport {
             ),
         );
         t.kv(
+            &format!("other processes' CPU s ({} cores, {:.1} s)", r.cpu.cores, r.cpu.wall_seconds),
+            report::opt(r.cpu.other_cpu_seconds, 2),
+        );
+        t.kv(
             "bench CPU s (per million deliveries)",
             format!(
                 "{} ({})",
@@ -700,7 +705,7 @@ impl FanoutReport {
             self.connect.subscribed, self.params.channels, self.rate, self.duration_seconds
         );
         let result = format!(
-            "{:.0} deliveries/s; latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; lost {}, dup {}, HTTP errors {}; server CPU {} s/M deliveries",
+            "{:.0} deliveries/s; latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; lost {}, dup {}, HTTP errors {}; CPU s per million deliveries: server {}, bench {}; other load {} CPU s in {:.0} s",
             r.deliveries_per_second,
             r.latency.p50_ms,
             r.latency.p90_ms,
@@ -709,7 +714,10 @@ impl FanoutReport {
             r.missing,
             r.duplicates,
             r.http_errors,
-            report::opt(r.server_cpu_seconds_per_million_deliveries, 2)
+            report::opt(r.server_cpu_seconds_per_million_deliveries, 2),
+            report::opt(r.bench_cpu_seconds_per_million_deliveries, 2),
+            report::opt(r.cpu.other_cpu_seconds, 1),
+            r.cpu.wall_seconds
         );
         (params, result)
     }

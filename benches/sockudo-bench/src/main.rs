@@ -196,19 +196,23 @@ fn open_budget(n: usize, conc: usize, timeout: f64) -> f64 {
     n.div_ceil(conc.max(1)) as f64 * 4.0 * timeout + 30.0
 }
 
-/// The command line as given, without the output-only flags.
-fn command_line() -> String {
+/// Flags left out of the command shown in the markdown row: output flags, and the target's
+/// address and credentials (a results file states them once).
+const UNSHOWN: &[&str] = &["--markdown", "--server-pid", "--host", "--port", "--app-id", "--key", "--secret"];
+
+/// The command line as given, without the flags in [`UNSHOWN`] and `--json`.
+fn command_line(args: impl Iterator<Item = String>) -> String {
     let mut out = vec!["sockudo-bench".to_owned()];
-    let mut args = std::env::args().skip(1);
+    let mut args = args.skip(1);
     while let Some(a) = args.next() {
-        match a.as_str() {
-            "--json" => {}
-            "--markdown" | "--server-pid" => {
-                args.next();
-            }
-            _ if a.starts_with("--markdown=") || a.starts_with("--server-pid=") => {}
-            _ => out.push(a),
+        if a == "--json" || UNSHOWN.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            continue;
         }
+        if UNSHOWN.contains(&a.as_str()) {
+            args.next();
+            continue;
+        }
+        out.push(a);
     }
     out.join(" ")
 }
@@ -223,7 +227,7 @@ fn emit<T: Serialize>(common: &Common, report: &T, print: impl FnOnce(), md: (St
         print();
     }
     if let Some(path) = &common.markdown {
-        let command = format!("`{}`", command_line());
+        let command = format!("`{}`", command_line(std::env::args()));
         let params = format!("{command}<br>{}", md.0);
         if let Err(e) = report::append_markdown(path, scenario, &params, &md.1) {
             eprintln!("cannot append to {}: {e}", path.display());
@@ -342,6 +346,12 @@ mod tests {
         let cli = Cli::try_parse_from(["b", "fanout", "--port", "7000", "--rate", "5", "--json"]).expect("parses");
         assert_eq!(cli.common.port, 7000);
         assert!(cli.common.json);
+    }
+
+    #[test]
+    fn shows_the_command_without_target_flags() {
+        let args = ["b", "--port", "1", "fanout", "--rate", "5", "--json", "--secret=x", "--markdown", "f.md"];
+        assert_eq!(command_line(args.iter().map(|s| (*s).to_owned())), "sockudo-bench fanout --rate 5");
     }
 
     #[test]

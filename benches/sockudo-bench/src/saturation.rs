@@ -81,11 +81,13 @@ impl SaturationReport {
         );
         let result = match &self.knee {
             Some(k) => format!(
-                "knee {:.0} deliveries/s at {:.0} pub/s (p99 {:.2} ms); server CPU {} s per million deliveries; stopped: {}",
+                "knee {:.0} deliveries/s at {:.0} pub/s (p99 {:.2} ms); CPU s per million deliveries: server {}, bench {}; other load {} CPU s in that step; stopped: {}",
                 k.deliveries_per_second,
                 k.target_rate,
                 k.latency.p99_ms,
                 report::opt(k.server_cpu_seconds_per_million_deliveries, 2),
+                report::opt(k.bench_cpu_seconds_per_million_deliveries, 2),
+                report::opt(k.cpu.other_cpu_seconds, 1),
                 self.stop_reason
             ),
             None => format!("no good step; stopped: {}", self.stop_reason),

@@ -41,6 +41,16 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
+/// CPU seconds the whole machine spent busy so far (all cores; the `cpu` line of `/proc/stat`:
+/// user, nice, system, irq, softirq and steal).
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum::<f64>();
+    Some(busy / clock_ticks())
+}
+
 /// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
 pub fn rss_kb(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -56,6 +66,7 @@ pub struct CpuMeter {
     server_pid: Option<String>,
     server_start: Option<f64>,
     self_start: Option<f64>,
+    machine_start: Option<f64>,
     started: Instant,
 }
 
@@ -66,8 +77,14 @@ pub struct CpuUse {
     pub server_cpu_seconds: Option<f64>,
     /// This tool's own CPU seconds over the same interval: it shares the machine.
     pub bench_cpu_seconds: Option<f64>,
+    /// Busy CPU seconds of the whole machine (all cores) over the interval.
+    pub machine_busy_seconds: Option<f64>,
+    /// Machine busy time not spent by the server or this tool: other load sharing the cores.
+    pub other_cpu_seconds: Option<f64>,
     /// Wall-clock seconds of the interval.
     pub wall_seconds: f64,
+    /// Cores on this machine (the CPU seconds available per wall second).
+    pub cores: usize,
 }
 
 impl CpuMeter {
@@ -76,6 +93,7 @@ impl CpuMeter {
         Self {
             server_start: server_pid.as_deref().and_then(cpu_seconds),
             self_start: cpu_seconds("self"),
+            machine_start: machine_busy_seconds(),
             server_pid,
             started: Instant::now(),
         }
@@ -83,10 +101,20 @@ impl CpuMeter {
 
     pub fn stop(&self) -> CpuUse {
         let server_now = self.server_pid.as_deref().and_then(cpu_seconds);
+        let server = server_now.zip(self.server_start).map(|(b, a)| b - a);
+        let bench = cpu_seconds("self").zip(self.self_start).map(|(b, a)| b - a);
+        let machine = machine_busy_seconds().zip(self.machine_start).map(|(b, a)| b - a);
+        let other = match (machine, server, bench) {
+            (Some(m), Some(s), Some(b)) => Some((m - s - b).max(0.0)),
+            _ => None,
+        };
         CpuUse {
-            server_cpu_seconds: server_now.zip(self.server_start).map(|(b, a)| b - a),
-            bench_cpu_seconds: cpu_seconds("self").zip(self.self_start).map(|(b, a)| b - a),
+            server_cpu_seconds: server,
+            bench_cpu_seconds: bench,
+            machine_busy_seconds: machine,
+            other_cpu_seconds: other,
             wall_seconds: self.started.elapsed().as_secs_f64(),
+            cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         }
     }
 }
@@ -127,6 +155,7 @@ mod tests {
     fn reads_own_proc_figures() {
         assert!(cpu_seconds("self").is_some());
         assert!(rss_kb("self").is_some_and(|kb| kb > 0));
+        assert!(machine_busy_seconds().is_some_and(|s| s > 0.0));
     }
 
     #[test]

@@ -1,0 +1,171 @@
+//! Delivery of one batch: POST it under a worker permit, and retry 5xx answers, timeouts and
+//! connection errors with exponential backoff and jitter for up to `webhooks.max_retry_seconds`
+//! (counting each retry). Any other answer is final: 2xx is `delivered`, the rest `failed`.
+//! A batch waiting for its next attempt holds no permit, so a dead receiver cannot occupy the
+//! workers beyond one request timeout per attempt.
+//!
+//! Every attempt is a `webhook.send` client span, child of the trace the first event of the
+//! batch happened in, and the request carries that span's `traceparent`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::CONTENT_TYPE;
+use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use super::{Phase, Shared, Target};
+use crate::app::App;
+use crate::shutdown::TaskToken;
+use crate::telemetry::trace::{continue_from, current_traceparent};
+use crate::telemetry::WebhookOutcome;
+
+/// The delay before the first retry; it doubles up to [`MAX_BACKOFF`], each delay drawn from
+/// its upper half so that receivers coming back are not hit by every sender at once.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Response body bytes read (so the connection can be reused) before it is dropped.
+const MAX_RESPONSE_READ: usize = 64 * 1024;
+
+/// A signed batch for one target.
+pub(crate) struct Job {
+    pub app: Arc<App>,
+    pub target: Arc<Target>,
+    pub body: Bytes,
+    pub signature: String,
+    pub events: usize,
+    pub traceparent: Option<Arc<str>>,
+}
+
+/// How one attempt went.
+enum Attempt {
+    Delivered,
+    /// 1xx, 3xx or 4xx: the receiver will not accept this batch.
+    Refused(u16),
+    /// 5xx, a timeout or a connection error.
+    Retry(String),
+}
+
+/// Delivers `job` until it is accepted, refused, out of retry time or shutdown gives up.
+pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) {
+    let started = Instant::now();
+    let mut phase = shared.phase.clone();
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt: u32 = 1;
+    let outcome = loop {
+        let draining = *phase.borrow() != Phase::Running;
+        let result = tokio::select! {
+            r = send(&shared, &job, attempt) => r,
+            _ = phase.wait_for(|p| *p == Phase::Abort) => break WebhookOutcome::Failed,
+        };
+        let why = match result {
+            Attempt::Delivered => break WebhookOutcome::Delivered,
+            Attempt::Refused(status) => {
+                tracing::warn!(app_id = %job.app.id, url = %job.target.shown, status, attempt, "webhook refused by the receiver; not retried");
+                break WebhookOutcome::Failed;
+            }
+            Attempt::Retry(why) => why,
+        };
+        let delay = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        // While shutting down a batch gets one more attempt, made at once.
+        if draining || started.elapsed() + delay > shared.max_retry {
+            tracing::warn!(app_id = %job.app.id, url = %job.target.shown, error = %why, attempt, "webhook delivery failed; giving up");
+            break WebhookOutcome::Failed;
+        }
+        tracing::debug!(app_id = %job.app.id, url = %job.target.shown, error = %why, attempt, delay_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
+        shared.metrics.webhook(&job.app.attrs, WebhookOutcome::Retried);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = phase.wait_for(|p| *p != Phase::Running) => {}
+        }
+        attempt += 1;
+    };
+    shared.metrics.webhook(&job.app.attrs, outcome);
+    shared.pending.fetch_sub(job.events, Ordering::AcqRel);
+}
+
+/// One POST under a worker permit, as a `webhook.send` span.
+async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
+    // The semaphore is never closed.
+    let _permit = shared.workers.acquire().await.ok();
+    let span = tracing::info_span!(
+        "webhook.send",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        sockudo.app_id = %job.app.id,
+        url.full = %job.target.shown,
+        http.request.method = "POST",
+        http.response.status_code = Empty,
+        sockudo.webhook.attempt = attempt,
+    );
+    continue_from(&span, job.traceparent.as_deref());
+    let traceparent = span.in_scope(current_traceparent).or_else(|| job.traceparent.as_deref().map(str::to_owned));
+    let mut request = shared
+        .client
+        .post(job.target.url.clone())
+        .headers(job.target.headers.clone())
+        .header(CONTENT_TYPE, "application/json")
+        .header("X-Pusher-Key", job.app.key.as_str())
+        .header("X-Pusher-Signature", job.signature.as_str())
+        .body(job.body.clone());
+    if let Some(tp) = traceparent {
+        request = request.header("traceparent", tp);
+    }
+    async {
+        match request.send().await {
+            Ok(mut response) => {
+                let status = response.status();
+                span.record("http.response.status_code", status.as_u16());
+                // Read a little of the answer so the connection goes back to the pool.
+                let mut read = 0;
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    read += chunk.len();
+                    if read > MAX_RESPONSE_READ {
+                        break;
+                    }
+                }
+                if status.is_success() {
+                    Attempt::Delivered
+                } else {
+                    span.record("otel.status_code", "ERROR");
+                    if status.is_server_error() {
+                        Attempt::Retry(format!("HTTP {}", status.as_u16()))
+                    } else {
+                        Attempt::Refused(status.as_u16())
+                    }
+                }
+            }
+            Err(err) => {
+                span.record("otel.status_code", "ERROR");
+                Attempt::Retry(describe(&err))
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await
+}
+
+/// A request error without its URL (which may carry a credential), with its root cause.
+fn describe(err: &reqwest::Error) -> String {
+    let what = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut cause = None;
+    let mut next = std::error::Error::source(err);
+    while let Some(e) = next {
+        cause = Some(e);
+        next = e.source();
+    }
+    match cause {
+        Some(c) => format!("{what}: {c}"),
+        None => what.to_owned(),
+    }
+}
