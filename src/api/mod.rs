@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State as AxumState};
+use axum::extract::{Path, Request, State as AxumState};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
@@ -153,25 +153,17 @@ async fn authenticate(
 }
 
 /// Runs `f` for an authenticated app and renders the outcome.
-async fn signed<F, Fut>(
-    state: &State,
-    app_id: &str,
-    method: Method,
-    uri: Uri,
-    query: Option<String>,
-    headers: HeaderMap,
-    body: Body,
-    f: F,
-) -> Response
+async fn signed<F, Fut>(state: &State, app_id: &str, req: Request, f: F) -> Response
 where
     F: FnOnce(Arc<App>, Bytes) -> Fut,
     Fut: Future<Output = Result<Value, ApiError>>,
 {
-    let body = match read_body(state, &headers, body).await {
+    let (parts, body) = req.into_parts();
+    let body = match read_body(state, &parts.headers, body).await {
         Ok(b) => b,
         Err(e) => return finish(state, 0, Outcome::unknown(e)),
     };
-    let outcome = match authenticate(state, app_id, &method, &uri, query.as_deref(), &body).await {
+    let outcome = match authenticate(state, app_id, &parts.method, &parts.uri, parts.uri.query(), &body).await {
         Ok(app) => {
             let result = f(app.clone(), body.clone()).await;
             Outcome { app: Some(app), result }
@@ -232,18 +224,10 @@ async fn publish(state: &State, app: &Arc<App>, event: &PublishEvent, started: I
 }
 
 /// `POST /apps/{app_id}/events`.
-pub async fn events(
-    AxumState(state): S,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn events(AxumState(state): S, Path(app_id): Path<String>, req: Request) -> Response {
     let started = Instant::now();
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, body| async move {
+    signed(&state, &app_id, req, |app, body| async move {
         let event = rest::parse_event(&body, &app.publish_limits())?;
         check_info(&event)?;
         spend(&st, &app, Budget::Events(1)).await?;
@@ -253,18 +237,10 @@ pub async fn events(
 }
 
 /// `POST /apps/{app_id}/batch_events`.
-pub async fn batch_events(
-    AxumState(state): S,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn batch_events(AxumState(state): S, Path(app_id): Path<String>, req: Request) -> Response {
     let started = Instant::now();
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, body| async move {
+    signed(&state, &app_id, req, |app, body| async move {
         let events = rest::parse_batch(&body, &app.publish_limits())?;
         // The whole batch is checked before any of it is published.
         events.iter().try_for_each(check_info)?;
@@ -287,19 +263,11 @@ pub async fn batch_events(
 }
 
 /// `GET /apps/{app_id}/channels`.
-pub async fn channels(
-    AxumState(state): S,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let prefix = query_param(q.as_deref(), "filter_by_prefix").unwrap_or_default();
-    let info = info_fields(query_param(q.as_deref(), "info"));
+pub async fn channels(AxumState(state): S, Path(app_id): Path<String>, req: Request) -> Response {
+    let prefix = query_param(req.uri().query(), "filter_by_prefix").unwrap_or_default();
+    let info = info_fields(query_param(req.uri().query(), "info"));
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+    signed(&state, &app_id, req, |app, _| async move {
         spend(&st, &app, Budget::Read).await?;
         if info.iter().any(|f| f == "user_count") && !prefix.starts_with("presence-") {
             return Err(ApiError::BadRequest("info=user_count requires filter_by_prefix=presence-".into()));
@@ -318,18 +286,10 @@ fn channel_path(app: &App, name: &str) -> Result<ChannelName, ApiError> {
 }
 
 /// `GET /apps/{app_id}/channels/{channel}`.
-pub async fn channel(
-    AxumState(state): S,
-    Path((app_id, name)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let info = info_fields(query_param(q.as_deref(), "info"));
+pub async fn channel(AxumState(state): S, Path((app_id, name)): Path<(String, String)>, req: Request) -> Response {
+    let info = info_fields(query_param(req.uri().query(), "info"));
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+    signed(&state, &app_id, req, |app, _| async move {
         spend(&st, &app, Budget::Read).await?;
         let channel = channel_path(&app, &name)?;
         let counts = st.adapter.channel_info(&app, &channel).await;
@@ -344,14 +304,10 @@ pub async fn channel(
 pub async fn channel_users(
     AxumState(state): S,
     Path((app_id, name)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Response {
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+    signed(&state, &app_id, req, |app, _| async move {
         spend(&st, &app, Budget::Read).await?;
         let channel = channel_path(&app, &name)?;
         if channel.kind() != ChannelKind::Presence {
@@ -367,14 +323,10 @@ pub async fn channel_users(
 pub async fn terminate_user(
     AxumState(state): S,
     Path((app_id, user_id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Response {
     let st = state.clone();
-    signed(&state, &app_id, method, uri, q, headers, body, |app, _| async move {
+    signed(&state, &app_id, req, |app, _| async move {
         let closed = st.adapter.terminate_user(&app, &user_id);
         tracing::info!(app_id = %app.id, sockets = closed, "terminated a user's connections");
         Ok(json!({}))

@@ -392,22 +392,13 @@ where
 
 /// What `config::validate` checks of a configured app, for a row.
 fn check(app: &AppConfig) -> Result<(), String> {
-    if app.id.len() > 64 || !app.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(format!("id: {:?} must be 1-64 characters of [A-Za-z0-9_-]", app.id));
-    }
-    for (column, value) in [
-        ("max_channel_name_length", app.max_channel_name_length),
-        ("max_event_name_length", app.max_event_name_length),
-        ("max_event_payload_in_kb", app.max_event_payload_in_kb),
-        ("max_event_channels_at_once", app.max_event_channels_at_once),
-        ("max_event_batch_size", app.max_event_batch_size),
-        ("max_presence_member_size_in_kb", app.max_presence_member_size_in_kb),
-    ] {
-        if value == 0 {
-            return Err(format!("{column} of app {:?}: must be above 0", app.id));
+    app.check().map_err(|(field, message)| {
+        if field == "id" {
+            format!("id: {:?} {message}", app.id)
+        } else {
+            format!("{field} of app {:?}: {message}", app.id)
         }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

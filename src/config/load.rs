@@ -279,26 +279,12 @@ fn validate_config_apps(apps: &[super::AppConfig]) -> Result<(), ConfigError> {
                 return Err(ConfigError::new(at(field), "is required"));
             }
         }
-        if app.id.len() > 64 || !app.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(ConfigError::new(at("id"), "must be 1-64 characters of [A-Za-z0-9_-]"));
-        }
+        app.check().map_err(|(field, message)| ConfigError::new(at(field), message))?;
         if !keys.insert(app.key.as_str()) {
             return Err(ConfigError::new(at("key"), format!("duplicate app key {:?}", app.key)));
         }
         if !ids.insert(app.id.as_str()) {
             return Err(ConfigError::new(at("id"), format!("duplicate app id {:?}", app.id)));
-        }
-        for (field, value) in [
-            ("max_channel_name_length", app.max_channel_name_length),
-            ("max_event_name_length", app.max_event_name_length),
-            ("max_event_payload_in_kb", app.max_event_payload_in_kb),
-            ("max_event_channels_at_once", app.max_event_channels_at_once),
-            ("max_event_batch_size", app.max_event_batch_size),
-            ("max_presence_member_size_in_kb", app.max_presence_member_size_in_kb),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(at(field), "must be above 0"));
-            }
         }
     }
     Ok(())

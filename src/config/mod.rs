@@ -420,6 +420,32 @@ impl Default for AppConfig {
     }
 }
 
+impl AppConfig {
+    /// Checks what types alone cannot, for apps from the file and from a database alike: the
+    /// id's form and limits above 0. The error names the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(("id", "must be 1-64 characters of [A-Za-z0-9_-]".into()));
+        }
+        for (field, value) in [
+            ("max_channel_name_length", self.max_channel_name_length),
+            ("max_event_name_length", self.max_event_name_length),
+            ("max_event_payload_in_kb", self.max_event_payload_in_kb),
+            ("max_event_channels_at_once", self.max_event_channels_at_once),
+            ("max_event_batch_size", self.max_event_batch_size),
+            ("max_presence_member_size_in_kb", self.max_presence_member_size_in_kb),
+        ] {
+            if value == 0 {
+                return Err((field, "must be above 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
