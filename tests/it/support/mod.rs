@@ -57,6 +57,8 @@ pub fn test_config() -> Config {
     c.host = "127.0.0.1".into();
     c.metrics.host = "127.0.0.1".into();
     c.subscription_count_debounce_ms = 20;
+    // The first in-process server installs the process-wide log subscriber: keep test output quiet.
+    c.log_level = Some("error".into());
     c.shutdown_grace_period = 3;
     c.app_manager.array.apps = test_apps();
     c
