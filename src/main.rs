@@ -53,7 +53,9 @@ async fn bind(host: &str, port: u16, key: &str) -> Result<tokio::net::TcpListene
 
 async fn listeners(config: &Config) -> Result<Listeners, String> {
     let main = bind(&config.host, config.port, "port").await?;
-    let metrics = if config.metrics.enabled {
+    // Only the Prometheus driver serves `/metrics`; OTLP-only metrics bind no port.
+    let prometheus = config.metrics.driver.split(',').any(|d| d.trim() == "prometheus");
+    let metrics = if config.metrics.enabled && prometheus {
         Some(bind(&config.metrics.host, config.metrics.port, "metrics.port").await?)
     } else {
         None
@@ -102,6 +104,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Webhook settings are checked here too, so `--check-config` and startup refuse them alike.
+    if let Err(e) = sockudo::webhooks::validate(&config) {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if args.check {
         match serde_json::to_string_pretty(&config::mask_secrets(&config)) {
             Ok(s) => println!("{s}"),

@@ -113,6 +113,12 @@ impl RateLimiter {
                     .query_async(&mut conn)
                     .await;
                 match result {
+                    Ok((n,)) if n > limit => {
+                        // Refused requests give their cost back, as in memory.
+                        let _: redis::RedisResult<()> =
+                            redis::cmd("DECRBY").arg(&redis_key).arg(cost).query_async(&mut conn).await;
+                        n
+                    }
                     Ok((n,)) => n,
                     Err(err) => {
                         // Fail open: a limiter outage must not take the API down with it.

@@ -46,7 +46,7 @@ pub struct Adapter {
     /// Channels with a subscription-count event already scheduled: `(app id, channel)`.
     pending_counts: Mutex<HashSet<(String, Arc<str>)>>,
     cluster: Option<Arc<Cluster>>,
-    driver: &'static str,
+    gauges: crate::telemetry::metrics::AdapterAttrs,
     connected: watch::Receiver<bool>,
     webhooks: Option<Arc<Webhooks>>,
     /// The other live nodes' ids, kept beside `Cluster`'s liveness (added when a node is first
@@ -107,12 +107,12 @@ impl Adapter {
         };
         let adapter = Self {
             registry: Registry::new(Duration::from_secs(config.cache.ttl_seconds)),
+            gauges: metrics.adapter_attrs(c.driver.as_str()),
             metrics,
             apps,
             debounce: Duration::from_millis(config.subscription_count_debounce_ms),
             pending_counts: Mutex::default(),
             cluster,
-            driver: c.driver.as_str(),
             connected,
             webhooks: None,
             peer_ids: Mutex::default(),
@@ -144,7 +144,7 @@ impl Adapter {
 
     fn record_state(&self) {
         let peers = self.cluster.as_ref().map_or(0, |c| c.peers());
-        self.metrics.adapter_state(self.driver, self.is_connected(), 1 + peers as i64);
+        self.metrics.adapter_state(&self.gauges, self.is_connected(), 1 + peers as i64);
     }
 
     /// Sends one pre-serialised frame to every local subscriber of `channel` except `except`.

@@ -334,10 +334,18 @@ pub async fn terminate_user(
     .await
 }
 
-/// `GET /up`: ready unless draining.
+fn not_ready_reason(state: &State) -> &'static str {
+    if state.is_draining() {
+        "DRAINING"
+    } else {
+        "BROKER UNAVAILABLE"
+    }
+}
+
+/// `GET /up`: ready unless draining or cut off from the cluster's broker.
 pub async fn up(AxumState(state): S) -> Response {
     if !state.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, not_ready_reason(&state)).into_response()
     } else {
         (StatusCode::OK, "OK").into_response()
     }
@@ -346,7 +354,7 @@ pub async fn up(AxumState(state): S) -> Response {
 /// `GET /up/{app_id}`: ready and the app exists and is enabled.
 pub async fn up_app(AxumState(state): S, Path(app_id): Path<String>) -> Response {
     if !state.is_ready() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING").into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, not_ready_reason(&state)).into_response();
     }
     match state.apps.lookup_by_id(&app_id).await {
         Ok(Some(app)) if app.settings.enabled => (StatusCode::OK, "OK").into_response(),

@@ -72,8 +72,10 @@ fn protocol_version(query: Option<&str>) -> Result<u8, ProtocolError> {
 
 async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<String>, origin: Option<String>) {
     let _task = state.sockets.token();
-    let Some(app) = state.apps.find_by_key(&key).await else {
-        return refuse(ws, &state, None, ProtocolError::AppNotFound).await;
+    let app = match state.apps.lookup_by_key(&key).await {
+        Ok(Some(app)) => app,
+        Ok(None) => return refuse(ws, &state, None, ProtocolError::AppNotFound).await,
+        Err(_) => return refuse(ws, &state, None, ProtocolError::AppLookupFailed).await,
     };
     if !app.settings.enabled {
         return refuse(ws, &state, Some(&app), ProtocolError::AppDisabled).await;

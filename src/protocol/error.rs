@@ -25,6 +25,9 @@ pub enum ProtocolError {
     OriginNotAllowed,
     /// 4009: the app terminated this user's connections through the API.
     Terminated,
+    /// 4102: the app could not be looked up (its store is down); the client retries with
+    /// backoff instead of giving up as it would on 4001.
+    AppLookupFailed,
     /// 4100: the node is at `max_connections`.
     OverCapacity,
     /// 4100: the client did not read fast enough and its send queue passed its byte cap.
@@ -55,6 +58,7 @@ impl ProtocolError {
             Self::NoProtocolVersion => 4008,
             Self::Unauthorized | Self::Terminated | Self::OriginNotAllowed => 4009,
             Self::OverCapacity => 4100,
+            Self::AppLookupFailed => 4102,
             Self::SlowConsumer => 4100,
             Self::ShuttingDown => 4200,
             Self::PongTimeout => 4201,
@@ -78,6 +82,7 @@ impl ProtocolError {
             | Self::Terminated
             | Self::OriginNotAllowed
             | Self::OverCapacity
+            | Self::AppLookupFailed
             | Self::SlowConsumer
             | Self::ShuttingDown
             | Self::PongTimeout => true,
@@ -104,9 +109,11 @@ impl ProtocolError {
             | Self::NoProtocolVersion
             | Self::InvalidMessage(_) => Some("invalid_message"),
             Self::MessageTooLarge { .. } => Some("message_too_large"),
-            Self::ShuttingDown | Self::Terminated | Self::ClientEventRejected(_) | Self::SubscriptionRejected(_) => {
-                None
-            }
+            Self::ShuttingDown
+            | Self::Terminated
+            | Self::AppLookupFailed
+            | Self::ClientEventRejected(_)
+            | Self::SubscriptionRejected(_) => None,
         }
     }
 }
@@ -123,6 +130,7 @@ impl fmt::Display for ProtocolError {
             Self::NoProtocolVersion => f.write_str("No protocol version supplied"),
             Self::Unauthorized => f.write_str("Connection is unauthorized: sign-in timed out"),
             Self::Terminated => f.write_str("Connection terminated by the app"),
+            Self::AppLookupFailed => f.write_str("App lookup failed; try again later"),
             Self::OverCapacity => f.write_str("Over capacity: server at max connections"),
             Self::SlowConsumer => f.write_str("Client too slow: send queue over its limit"),
             Self::ShuttingDown => f.write_str("Server shutting down; reconnect"),

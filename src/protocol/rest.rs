@@ -143,7 +143,6 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Parses a `POST /events` body.
 /// Bodies are objects; serde would also read a struct from an array by position.
 fn object(body: &[u8]) -> Result<(), BodyError> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -152,6 +151,7 @@ fn object(body: &[u8]) -> Result<(), BodyError> {
     }
 }
 
+/// Parses a `POST /events` body.
 pub fn parse_event(body: &[u8], limits: &PublishLimits) -> Result<PublishEvent, BodyError> {
     object(body)?;
     let raw: RawEvent<'_> = serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;

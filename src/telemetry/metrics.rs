@@ -62,6 +62,9 @@ pub struct AppAttrs {
     webhooks: [Vec<KeyValue>; 4],
 }
 
+/// `port` and `adapter` of the adapter gauges.
+pub struct AdapterAttrs([KeyValue; 2]);
+
 /// `outcome` of `webhooks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -346,11 +349,15 @@ impl Metrics {
         self.webhooks.add(1, &a.webhooks[outcome as usize]);
     }
 
+    /// The attribute set of the adapter gauges, built once by the adapter.
+    pub fn adapter_attrs(&self, adapter: &'static str) -> AdapterAttrs {
+        AdapterAttrs([KeyValue::new("port", self.port as i64), KeyValue::new("adapter", adapter)])
+    }
+
     /// Records the adapter's broker state and the nodes it sees.
-    pub fn adapter_state(&self, adapter: &'static str, connected: bool, nodes: i64) {
-        let attrs = [KeyValue::new("port", self.port as i64), KeyValue::new("adapter", adapter)];
-        self.adapter_connected.record(i64::from(connected), &attrs);
-        self.adapter_nodes.record(nodes, &attrs);
+    pub fn adapter_state(&self, attrs: &AdapterAttrs, connected: bool, nodes: i64) {
+        self.adapter_connected.record(i64::from(connected), &attrs.0);
+        self.adapter_nodes.record(nodes, &attrs.0);
     }
 }
 

@@ -248,7 +248,8 @@ async fn apps_from_sql(engine: Engine) {
     let ev = client.expect_for("ev", "orders").await;
     assert_eq!(ev["data"], "hi");
     server.client_of("other-key").await.close().await;
-    assert_eq!(refused(&server, "never-seen").await, (4001, Closed::Code(4001)));
+    // The store is down: a retryable 41xx, not 4001 (which tells clients to give up).
+    assert_eq!(refused(&server, "never-seen").await, (4102, Closed::Code(4102)));
     let (status, body) = publish(&server, "never-seen", "never-seen", "s", "orders").await;
     assert_eq!((status, body), (503, serde_json::json!({"error": "app lookup failed"})));
     let (status, _) = server.raw_request("GET", "/up", None).await;
