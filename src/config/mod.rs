@@ -497,7 +497,7 @@ impl Default for WebSocketConfig {
             max_message_size_kb: 64,
             hard_max_message_size_kb: 256,
             max_queue_kb: 1024,
-            read_buffer_size: 4096,
+            read_buffer_size: 1024,
             write_buffer_size: 16 * 1024,
             write_timeout_seconds: 10,
         }
