@@ -49,6 +49,8 @@ pub struct ChurnReport {
     pub cpu: sys::CpuUse,
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
+    /// The first run was disturbed by other processes (see `--quiet-below`) and run again.
+    pub repeated_for_other_load: bool,
 }
 
 impl ChurnReport {
@@ -113,6 +115,11 @@ impl ChurnReport {
             self.rss_before_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
             self.rss_after_kb.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into()),
         );
+        let result = if self.repeated_for_other_load {
+            format!("{result} (second run: other load disturbed the first)")
+        } else {
+            result
+        };
         (params, result)
     }
 }
@@ -245,5 +252,6 @@ pub async fn run(target: &Target, params: ChurnParams, server_pid: Option<u32>) 
         rss_before_kb: rss_before,
         rss_after_kb: rss_after,
         params,
+        repeated_for_other_load: false,
     })
 }

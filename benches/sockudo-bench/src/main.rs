@@ -64,6 +64,13 @@ struct Common {
     /// Hard limit on the whole scenario in seconds (default: computed from its parameters).
     #[arg(long, global = true)]
     deadline: Option<f64>,
+    /// On a shared machine: first wait until other processes use less than this percentage of
+    /// it (and before each saturation step); a run or step they disturbed is repeated. 0: off.
+    #[arg(long, global = true, default_value_t = 0.0, value_name = "PERCENT")]
+    quiet_below: f64,
+    /// Longest wait for --quiet-below, in seconds (then the scenario runs anyway).
+    #[arg(long, global = true, default_value_t = 300.0)]
+    quiet_wait: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,7 +205,17 @@ fn open_budget(n: usize, conc: usize, timeout: f64) -> f64 {
 
 /// Flags left out of the command shown in the markdown row: output flags, and the target's
 /// address and credentials (a results file states them once).
-const UNSHOWN: &[&str] = &["--markdown", "--server-pid", "--host", "--port", "--app-id", "--key", "--secret"];
+const UNSHOWN: &[&str] = &[
+    "--markdown",
+    "--server-pid",
+    "--host",
+    "--port",
+    "--app-id",
+    "--key",
+    "--secret",
+    "--quiet-below",
+    "--quiet-wait",
+];
 
 /// The command line as given, without the flags in [`UNSHOWN`] and `--json`.
 fn command_line(args: impl Iterator<Item = String>) -> String {
@@ -246,13 +263,24 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Scenario::Saturation(a) => {
             open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout)
-                + f64::from(a.max_steps) * (a.step_duration + a.subs.drain + a.pause + 30.0)
+                + f64::from(a.max_steps + 1)
+                    * (a.step_duration
+                        + a.subs.drain
+                        + a.pause
+                        + 30.0
+                        + c.quiet_wait.max(0.0) * f64::from(u8::from(c.quiet_below > 0.0)))
         }
         Scenario::Connections(a) => open_budget(a.connections, a.concurrency, c.timeout) + a.hold.max(a.settle) + 100.0,
         Scenario::Churn(a) => a.duration + 6.0 * c.timeout + 30.0,
     };
+    let quiet = (c.quiet_below / 100.0).clamp(0.0, 1.0);
+    // With --quiet-below, a waiting period, and a disturbed fanout or churn run is repeated.
+    let budget = if quiet > 0.0 { budget * 2.0 + c.quiet_wait * 3.0 } else { budget };
     let deadline = sys::secs(c.deadline.unwrap_or(budget));
     let work = async {
+        if quiet > 0.0 {
+            sys::wait_quiet(quiet, sys::secs(c.quiet_wait), c.server_pid).await;
+        }
         match &cli.scenario {
             Scenario::Fanout(a) => {
                 let r = fanout::run(
@@ -261,6 +289,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     a.rate.max(0.01),
                     sys::secs(a.duration),
                     c.server_pid,
+                    sys::Quiet { below: quiet, wait: sys::secs(c.quiet_wait) },
                 )
                 .await?;
                 emit(c, &r, || r.print(), r.markdown(), "fan-out");
@@ -273,6 +302,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                     step_seconds: a.step_duration,
                     pause_seconds: a.pause,
                     p99_limit_ms: a.p99_limit_ms,
+                    quiet_below: quiet,
+                    quiet_wait_seconds: c.quiet_wait,
                 };
                 let r = saturation::run(&target, session_params(&a.subs), ramp, c.server_pid).await?;
                 emit(c, &r, || r.print(), r.markdown(), "saturation");
@@ -297,7 +328,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                     channels: a.channels.max(1),
                     source_addrs: a.source_addrs.min(254),
                 };
-                let r = churn::run(&target, params, c.server_pid).await?;
+                let mut r = churn::run(&target, params.clone(), c.server_pid).await?;
+                let other = r.cpu.other_share().unwrap_or(0.0);
+                if quiet > 0.0 && other >= quiet {
+                    report::progress(&format!(
+                        "[churn] other processes used {:.0}% of the machine; repeating the run",
+                        other * 100.0
+                    ));
+                    sys::wait_quiet(quiet, sys::secs(c.quiet_wait), c.server_pid).await;
+                    r = churn::run(&target, params, c.server_pid).await?;
+                    r.repeated_for_other_load = true;
+                }
                 emit(c, &r, || r.print(), r.markdown(), "churn");
             }
         }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::fanout::{ConnectSummary, Session, SessionParams, StepResult};
 use crate::pusher::Target;
 use crate::report::{self, progress};
+use crate::sys;
 
 /// How the rate is raised.
 #[derive(Debug, Clone, Serialize)]
@@ -20,6 +21,10 @@ pub struct Ramp {
     pub step_seconds: f64,
     pub pause_seconds: f64,
     pub p99_limit_ms: f64,
+    /// Before each step, wait until other processes use less than this share of the machine
+    /// (0: do not wait); a failed step that they disturbed is repeated (at most 3 times).
+    pub quiet_below: f64,
+    pub quiet_wait_seconds: f64,
 }
 
 /// The `saturation` scenario's figures.
@@ -108,12 +113,23 @@ pub async fn run(
     let mut knee = None;
     let mut rate = ramp.start_rate.max(0.1);
     let mut stop_reason = format!("all {} steps passed: the knee is above the last rate", ramp.max_steps);
-    for step in 1..=ramp.max_steps.max(1) {
+    let mut step = 0u32;
+    // A failed step that other processes disturbed (5% of the machine, or the --quiet-below
+    // share if lower) is repeated, at most MAX_REPEATS times in a run.
+    const MAX_REPEATS: u32 = 3;
+    let disturbed_at = ramp.quiet_below.min(0.05);
+    let mut repeats = 0u32;
+    while step < ramp.max_steps.max(1) + repeats {
+        step += 1;
+        if ramp.quiet_below > 0.0 {
+            sys::wait_quiet(ramp.quiet_below, sys::secs(ramp.quiet_wait_seconds), server_pid).await;
+        }
         let label = format!("step {step} @ {rate:.1}/s");
         let r = session.run_step(step, rate, Duration::from_secs_f64(ramp.step_seconds.max(0.1)), &label).await;
         let problems = r.problems(Some(ramp.p99_limit_ms));
+        let other = r.other_load_share.unwrap_or(0.0);
         progress(&format!(
-            "[{label}] deliveries/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms lost={} dup={} err={} -> {}",
+            "[{label}] deliveries/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms lost={} dup={} err={} other_load={:.0}% -> {}",
             r.deliveries_per_second,
             r.latency.p50_ms,
             r.latency.p99_ms,
@@ -121,10 +137,20 @@ pub async fn run(
             r.missing,
             r.duplicates,
             r.http_errors,
+            other * 100.0,
             if problems.is_empty() { "ok".to_owned() } else { problems.join("; ") }
         ));
         steps.push(r.clone());
         if !problems.is_empty() {
+            // Other processes took a share of the machine: the step says little; repeat it.
+            if ramp.quiet_below > 0.0 && other >= disturbed_at && repeats < MAX_REPEATS {
+                progress(&format!(
+                    "[{label}] other processes used {:.0}% of the machine; repeating the step",
+                    other * 100.0
+                ));
+                repeats += 1;
+                continue;
+            }
             stop_reason = format!("step {step} at {rate:.1} publishes/s: {}", problems.join("; "));
             break;
         }

@@ -137,6 +137,58 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+impl CpuUse {
+    /// The share of the machine (0..1) that other processes used: load that skews a measurement.
+    pub fn other_share(&self) -> Option<f64> {
+        let capacity = self.cores as f64 * self.wall_seconds;
+        self.other_cpu_seconds.filter(|_| capacity > 0.0).map(|o| o / capacity)
+    }
+}
+
+/// The `--quiet-below` settings: wait for a share (0..1) of the machine to be free; 0 is off.
+#[derive(Debug, Clone, Copy)]
+pub struct Quiet {
+    pub below: f64,
+    pub wait: Duration,
+}
+
+/// Waits (at most `max_wait`) until processes other than the server and this tool use less than
+/// `below` (0..1) of the machine, sampled over 2 s; returns the seconds waited. For shared
+/// machines, where other work would skew a measurement.
+pub async fn wait_quiet(below: f64, max_wait: Duration, server_pid: Option<u32>) -> f64 {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let meter = CpuMeter::start(server_pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = meter.stop();
+        let share = used.other_share().unwrap_or_else(|| {
+            let capacity = used.cores as f64 * used.wall_seconds;
+            used.machine_busy_seconds.map(|m| m / capacity.max(1e-9)).unwrap_or(0.0)
+        });
+        if share < below {
+            return started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() >= max_wait {
+            crate::report::progress(&format!(
+                "[quiet] other processes still use {:.0}% of the machine after {:.0}s; going on",
+                share * 100.0,
+                started.elapsed().as_secs_f64()
+            ));
+            return started.elapsed().as_secs_f64();
+        }
+        if !said {
+            crate::report::progress(&format!(
+                "[quiet] other processes use {:.0}% of the machine; waiting up to {:.0}s for less than {:.0}%",
+                share * 100.0,
+                max_wait.as_secs_f64(),
+                below * 100.0
+            ));
+            said = true;
+        }
+    }
+}
+
 /// Sleeps until `deadline`, or returns at once if it has passed.
 pub async fn sleep_until(deadline: Instant) {
     tokio::time::sleep_until(deadline.into()).await;
