@@ -45,10 +45,22 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(args))
 }
 
+/// Pending connections the kernel may queue per listener. tokio's `bind` asks for 128, which
+/// overflows when a few hundred clients reconnect at once (they then wait a second to retry).
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(host: &str, port: u16, key: &str) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind((host, port))
+    let fail = |e: std::io::Error| format!("invalid configuration: {key}: cannot listen on {host}:{port}: {e}");
+    let addr = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("invalid configuration: {key}: cannot listen on {host}:{port}: {e}"))
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| format!("invalid configuration: {key}: {host} does not resolve"))?;
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)
 }
 
 async fn listeners(config: &Config) -> Result<Listeners, String> {
