@@ -30,7 +30,22 @@ pub fn load(file: Option<&Path>, environment: &HashMap<String, String>) -> Resul
     if let Some(path) = file {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&shown, e.to_string()))?;
-        let text = substitute(&text, environment).map_err(|m| ConfigError::new(&shown, m))?;
+        let text = if is_toml(path) {
+            // Full-line TOML comments are left alone, so they may mention `${VAR}` freely.
+            text.lines()
+                .map(|line| {
+                    if line.trim_start().starts_with('#') {
+                        Ok(line.to_owned())
+                    } else {
+                        substitute(line, environment)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|lines| lines.join("\n"))
+        } else {
+            substitute(&text, environment)
+        }
+        .map_err(|m| ConfigError::new(&shown, m))?;
         let overlay = parse_file(path, &text).map_err(|m| ConfigError::new(&shown, m))?;
         if !overlay.is_object() {
             return Err(ConfigError::new(&shown, "the top level must be an object"));
@@ -47,9 +62,12 @@ pub fn load(file: Option<&Path>, environment: &HashMap<String, String>) -> Resul
     Ok(config)
 }
 
+fn is_toml(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+}
+
 fn parse_file(path: &Path, text: &str) -> Result<Value, String> {
-    let is_toml = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("toml"));
-    if is_toml {
+    if is_toml(path) {
         let v: toml::Value = toml::from_str(text).map_err(|e| format!("invalid TOML: {e}"))?;
         serde_json::to_value(v).map_err(|e| e.to_string())
     } else {

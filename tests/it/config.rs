@@ -135,3 +135,34 @@ fn sigterm_stops_the_binary_cleanly() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn shipped_example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let o = sockudo(
+            &["--config", path.to_str().unwrap(), "--check-config"],
+            &[("SOCKUDO_APP_SECRET", "s3cret-value"), ("REDIS_URL", "redis://:pw@10.0.0.5:6379")],
+        );
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!out.contains("s3cret-value") && !out.contains(":pw@"), "{name}: secrets masked");
+        match name.as_str() {
+            "redis-cluster.toml" => {
+                assert_eq!(v["adapter"]["driver"], "redis");
+                assert_eq!(v["adapter"]["redis"]["url"], "redis://:****@10.0.0.5:6379");
+                assert_eq!(v["rate_limits"]["driver"], "redis");
+            }
+            "nats-cluster.toml" => assert_eq!(v["adapter"]["driver"], "nats"),
+            "otlp.toml" => assert_eq!(v["metrics"]["driver"], "prometheus,otlp"),
+            _ => {}
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    assert_eq!(checked, ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json"]);
+}
