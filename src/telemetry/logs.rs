@@ -1,5 +1,7 @@
 //! Log output: text or flat JSON lines on stdout, filtered by `LOG_LEVEL` (or `RUST_LOG` when
-//! set, which takes a full filter). JSON lines carry `timestamp`, upper-case `level`, top-level
+//! set, which takes a full filter; a plain level applies to sockudo, while dependencies log at
+//! most `info`, since at debug/trace some print whole frames and signed request lines). JSON
+//! lines carry `timestamp`, upper-case `level`, top-level
 //! `message`, `target`, the event's fields, and `trace_id`/`span_id` of the current span, so a
 //! broadcast's log lines can be found by the trace id of its request.
 
@@ -39,14 +41,25 @@ const QUIET: &[&str] = &[
 ];
 
 fn filter(config: &Config) -> EnvFilter {
-    let base = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|f| EnvFilter::try_new(f).is_ok())
-        .unwrap_or_else(|| config.effective_log_level().to_owned());
-    let mut directives = base;
-    for t in QUIET {
-        directives.push_str(&format!(",{t}=off"));
-    }
+    let directives = match std::env::var("RUST_LOG").ok().filter(|f| EnvFilter::try_new(f).is_ok()) {
+        // A full filter is the operator's explicit choice, dependencies included.
+        Some(full) => full,
+        None => {
+            // A plain level applies to sockudo; dependencies log at most `info`, because at
+            // debug/trace some of them (tungstenite, hyper) print whole frames and request
+            // lines, which carry auth strings, signatures and payloads.
+            let level = config.effective_log_level();
+            let deps = match level {
+                "debug" | "trace" => "info",
+                other => other,
+            };
+            let mut d = format!("{deps},sockudo={level}");
+            for t in QUIET {
+                d.push_str(&format!(",{t}=off"));
+            }
+            d
+        }
+    };
     EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 

@@ -13,6 +13,7 @@ mod hostile;
 mod metrics;
 mod protocol;
 mod rate_limits;
+mod reliability;
 mod support;
 mod telemetry;
 mod webhooks;
