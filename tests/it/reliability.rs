@@ -106,3 +106,95 @@ async fn no_secret_or_signature_in_any_log_line() {
     }
     assert!(lines.iter().any(|l| l.contains("authentication failed")), "failures are logged");
 }
+
+/// 10,000 concurrent subscribe/unsubscribe/disconnect operations on one hot presence channel
+/// leave no stale state, and an observer sees each user's joins and leaves strictly alternate.
+#[tokio::test]
+async fn race_suite_leaves_no_stale_presence_state() {
+    let server = TestServer::start_with(|c| {
+        c.app_manager.array.apps[0].max_presence_members_per_channel = 1000;
+    })
+    .await;
+    let channel = "presence-hot";
+    let mut observer = server.client().await;
+    observer.subscribe_presence(channel, "observer").await;
+    let workers = 40;
+    let rounds = 250; // 40 x 250 = 10,000 operations
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let url = server.ws_url(KEY, "protocol=7");
+        tasks.push(tokio::spawn(async move {
+            // Two workers share each user id, so the same user joins from two sockets at once.
+            let user = format!("user-{}", w / 2);
+            let mut c = Client::connect(&url).await;
+            for r in 0..rounds {
+                match r % 5 {
+                    // Disconnect abruptly and come back.
+                    4 => {
+                        drop(c);
+                        c = Client::connect(&url).await;
+                    }
+                    // Subscribe then unsubscribe.
+                    0 | 2 => {
+                        c.subscribe_presence("presence-hot", &user).await;
+                    }
+                    _ => {
+                        c.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "presence-hot"}})).await;
+                    }
+                }
+            }
+            c.close().await;
+        }));
+    }
+    // Meanwhile the observer records member events in order.
+    let mut last: std::collections::HashMap<String, &'static str> = std::collections::HashMap::new();
+    let mut events = 0usize;
+    let all_done = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    tokio::pin!(all_done);
+    let mut finished = false;
+    loop {
+        tokio::select! {
+            _ = &mut all_done, if !finished => finished = true,
+            f = tokio::time::timeout(Duration::from_millis(500), observer.next()) => match f {
+                Ok(f) => {
+                    let kind = match f["event"].as_str() {
+                        Some("pusher_internal:member_added") => "added",
+                        Some("pusher_internal:member_removed") => "removed",
+                        _ => continue,
+                    };
+                    let user = data(&f)["user_id"].as_str().unwrap().to_owned();
+                    let prev = last.insert(user.clone(), kind);
+                    assert_ne!(prev, Some(kind), "{user}: two {kind} in a row");
+                    events += 1;
+                }
+                Err(_) if finished => break,
+                Err(_) => {}
+            },
+        }
+    }
+    assert!(events > 20, "the observer saw member events: {events}");
+    // Every user that joined has left; nobody but the observer is present.
+    for (user, state) in &last {
+        assert_eq!(*state, "removed", "{user} still present for the observer");
+    }
+    let (_, users) = server.api("GET", "/channels/presence-hot/users", &[], None).await;
+    assert_eq!(users, json!({"users": [{"id": "observer"}]}));
+    let (_, info) =
+        server.api("GET", "/channels/presence-hot", &[("info", "subscription_count,user_count")], None).await;
+    assert_eq!(info, json!({"occupied": true, "subscription_count": 1, "user_count": 1}));
+    assert!(
+        eventually(WAIT, || async { server.metric("sockudo_connected", &[("app_id", APP_ID)]).await == Some(1.0) })
+            .await
+    );
+    observer.close().await;
+    let idle = [("app_id", APP_ID), ("channel_type", "presence")];
+    assert!(eventually(WAIT, || async { server.metric("sockudo_active_channels", &idle).await == Some(0.0) }).await);
+    let subs = server.metric("sockudo_channel_subscriptions_total", &idle).await.unwrap();
+    let unsubs = server.metric("sockudo_channel_unsubscriptions_total", &idle).await.unwrap();
+    assert_eq!(subs, unsubs, "every subscription ended exactly once");
+    server.stop().await;
+}
