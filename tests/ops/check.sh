@@ -45,16 +45,8 @@ run() {  # run NAME CMD...  -> one check
 skip() { SKIP=$((SKIP + 1)); echo "--- $1"; echo "skipped: $1 ($2)"; }
 
 # ------------------------------------------------------------------ tools
-apt_ready=0
-apt_install() {
-  if [ "$apt_ready" = 0 ]; then
-    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]; then
-      apt-get update -qq
-    fi
-    apt_ready=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# shellcheck source=tests/ops/lib.sh
+. "$HERE/lib.sh"
 if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
   echo "installing prometheus prometheus-alertmanager (promtool, amtool) ..."
   apt_install prometheus prometheus-alertmanager

@@ -49,16 +49,8 @@ case "$REDIS_URL" in
 esac
 
 # ------------------------------------------------------------------ tools
-apt_ready=0
-apt_install() {
-  if [ "$apt_ready" = 0 ]; then
-    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]; then
-      apt-get update -qq
-    fi
-    apt_ready=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# shellcheck source=tests/ops/lib.sh
+. "$HERE/lib.sh"
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   echo "installing Debian's prometheus ..."
   apt_install prometheus
