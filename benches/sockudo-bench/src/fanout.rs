@@ -38,6 +38,10 @@ pub struct SessionParams {
     pub drain_seconds: f64,
     /// Loopback source addresses to cycle over (0: let the kernel choose).
     pub source_addrs: usize,
+    /// Ports (on the same host) the subscribers are spread over round-robin (subscriber i
+    /// connects to port i mod P); empty: all on the target's port. Publishes always go to the
+    /// target's port. For cross-node fan-out through a cluster adapter.
+    pub subscribe_ports: Vec<u16>,
 }
 
 /// How opening the subscribers went.
@@ -51,6 +55,9 @@ pub struct ConnectSummary {
     pub per_second: f64,
     /// Time from TCP connect to `subscription_succeeded`, per connection.
     pub latency: Latency,
+    /// Subscribed connections per port (port, count), in the order of `subscribe_ports`
+    /// (or the target's port alone).
+    pub per_port: Vec<(u16, usize)>,
 }
 
 /// Everything measured in one publishing step.
@@ -340,11 +347,27 @@ impl Session {
         let channel_names: Vec<String> = (0..channels).map(|c| format!("bench-{run_id}-{c}")).collect();
         let publisher = Publisher::new(target, params.max_inflight)?;
 
+        // One target per subscriber port (all on the target's host and credentials).
+        let sub_targets: Vec<Target> = if params.subscribe_ports.is_empty() {
+            vec![target.clone()]
+        } else {
+            params
+                .subscribe_ports
+                .iter()
+                .map(|&p| {
+                    let mut t = target.clone();
+                    t.port = p;
+                    t.addr.set_port(p);
+                    t
+                })
+                .collect()
+        };
+
         let started = Instant::now();
         let limit = Arc::new(Semaphore::new(params.connect_concurrency.max(1)));
         let mut opening = JoinSet::new();
         for i in 0..params.subscribers {
-            let (target, limit) = (target.clone(), limit.clone());
+            let (target, limit) = (sub_targets[i % sub_targets.len()].clone(), limit.clone());
             let channel = channel_names[i % channels].clone();
             let source = target.source_for(i, params.source_addrs);
             opening.spawn(async move {
@@ -397,6 +420,11 @@ impl Session {
             seconds,
             per_second: opened.len() as f64 / seconds.max(1e-9),
             latency: Latency::of(&hist),
+            per_port: sub_targets
+                .iter()
+                .enumerate()
+                .map(|(k, t)| (t.port, opened.iter().filter(|(i, _)| i % sub_targets.len() == k).count()))
+                .collect(),
         };
 
         let shared = Arc::new(Shared::default());
@@ -665,6 +693,10 @@ impl FanoutReport {
                 self.connect.subscribed, self.connect.requested, self.connect.seconds, self.connect.per_second
             ),
         );
+        if self.connect.per_port.len() > 1 {
+            let ports: Vec<String> = self.connect.per_port.iter().map(|(p, n)| format!("{n} on :{p}")).collect();
+            t.kv("subscribers per port (publisher on the target port)", ports.join(", "));
+        }
         t.kv("published (achieved rate)", format!("{} ({:.1}/s)", r.published, r.achieved_rate));
         t.kv("HTTP errors", format!("{} {:?}", r.http_errors, r.http_error_kinds));
         t.kv("publish HTTP RTT p50 / p99 ms", format!("{:.2} / {:.2}", r.publish_rtt.p50_ms, r.publish_rtt.p99_ms));
@@ -705,10 +737,14 @@ impl FanoutReport {
 
     pub fn markdown(&self) -> (String, String) {
         let r = &self.result;
-        let params = format!(
+        let mut params = format!(
             "{} subs x {} ch, {:.0} pub/s, {:.0} s",
             self.connect.subscribed, self.params.channels, self.rate, self.duration_seconds
         );
+        if self.connect.per_port.len() > 1 {
+            let ports: Vec<String> = self.connect.per_port.iter().map(|(_, n)| n.to_string()).collect();
+            params.push_str(&format!(", subscribers split {} over {} nodes", ports.join("/"), ports.len()));
+        }
         let result = format!(
             "{:.0} deliveries/s; latency p50 {:.2} / p90 {:.2} / p99 {:.2} / max {:.2} ms; lost {}, dup {}, HTTP errors {}; CPU s per million deliveries: server {}, bench {}; other load {} CPU s in {:.0} s",
             r.deliveries_per_second,

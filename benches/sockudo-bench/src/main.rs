@@ -55,6 +55,10 @@ struct Common {
     /// The server's process id, for CPU time (/proc/PID/stat) and memory (/proc/PID/status).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// Further server processes (other cluster nodes on this machine), comma-separated: their
+    /// CPU time is added to the server's (and not counted as other load). Needs --server-pid.
+    #[arg(long, global = true, value_delimiter = ',', value_name = "PID,...")]
+    also_server_pid: Vec<u32>,
     /// Append a markdown summary row (`| scenario | command | parameters | result |`) to FILE.
     #[arg(long, global = true, value_name = "FILE")]
     markdown: Option<PathBuf>,
@@ -105,6 +109,10 @@ struct SubscriberArgs {
     /// Loopback source addresses to cycle over, 127.0.0.1..=127.0.0.K (default: one per 25,000 connections).
     #[arg(long)]
     source_addrs: Option<usize>,
+    /// Spread the subscribers round-robin over these ports on the same host (e.g. two nodes of
+    /// a cluster: `--subscribe-ports 6001,6002`); publishes still go to `--port`.
+    #[arg(long, value_delimiter = ',', value_name = "P1,P2,...")]
+    subscribe_ports: Vec<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +203,7 @@ fn session_params(a: &SubscriberArgs) -> fanout::SessionParams {
         max_inflight: a.max_inflight.max(1),
         drain_seconds: a.drain,
         source_addrs: auto_sources(a.subscribers, a.source_addrs),
+        subscribe_ports: a.subscribe_ports.clone(),
     }
 }
 
@@ -208,6 +217,7 @@ fn open_budget(n: usize, conc: usize, timeout: f64) -> f64 {
 const UNSHOWN: &[&str] = &[
     "--markdown",
     "--server-pid",
+    "--also-server-pid",
     "--host",
     "--port",
     "--app-id",
@@ -353,6 +363,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     sys::start_clock();
     let cli = Cli::parse();
+    sys::set_also_server_pids(&cli.common.also_server_pid);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -387,6 +398,15 @@ mod tests {
         let cli = Cli::try_parse_from(["b", "fanout", "--port", "7000", "--rate", "5", "--json"]).expect("parses");
         assert_eq!(cli.common.port, 7000);
         assert!(cli.common.json);
+    }
+
+    #[test]
+    fn parses_subscribe_ports() {
+        let cli = Cli::try_parse_from(["b", "fanout", "--subscribe-ports", "7000,7001", "--also-server-pid", "5,6"])
+            .expect("parses");
+        let Scenario::Fanout(a) = cli.scenario else { panic!("fanout") };
+        assert_eq!(a.subs.subscribe_ports, vec![7000, 7001]);
+        assert_eq!(cli.common.also_server_pid, vec![5, 6]);
     }
 
     #[test]

@@ -5,6 +5,20 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
+static ALSO_SERVER_PIDS: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Further server processes (other nodes of a cluster on this machine) whose CPU time counts
+/// as the server's (`--also-server-pid`); call once at start-up.
+pub fn set_also_server_pids(pids: &[u32]) {
+    let _ = ALSO_SERVER_PIDS.set(pids.iter().map(u32::to_string).collect());
+}
+
+/// CPU seconds of the server: `pid` plus the `--also-server-pid` processes.
+fn server_cpu_seconds(pid: Option<&str>) -> Option<f64> {
+    let first = cpu_seconds(pid?)?;
+    let extra: f64 = ALSO_SERVER_PIDS.get().map(|v| v.iter().filter_map(|p| cpu_seconds(p)).sum()).unwrap_or(0.0);
+    Some(first + extra)
+}
 
 /// Starts the tool's clock; call once at start-up (later calls are harmless).
 pub fn start_clock() {
@@ -91,7 +105,7 @@ impl CpuMeter {
     pub fn start(server_pid: Option<u32>) -> Self {
         let server_pid = server_pid.map(|p| p.to_string());
         Self {
-            server_start: server_pid.as_deref().and_then(cpu_seconds),
+            server_start: server_cpu_seconds(server_pid.as_deref()),
             self_start: cpu_seconds("self"),
             machine_start: machine_busy_seconds(),
             server_pid,
@@ -100,7 +114,7 @@ impl CpuMeter {
     }
 
     pub fn stop(&self) -> CpuUse {
-        let server_now = self.server_pid.as_deref().and_then(cpu_seconds);
+        let server_now = server_cpu_seconds(self.server_pid.as_deref());
         let server = server_now.zip(self.server_start).map(|(b, a)| b - a);
         let bench = cpu_seconds("self").zip(self.self_start).map(|(b, a)| b - a);
         let machine = machine_busy_seconds().zip(self.machine_start).map(|(b, a)| b - a);
