@@ -111,6 +111,14 @@ async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, h
     connections.wait_idle().await;
 }
 
+/// This process's resident memory (`VmRSS` of `/proc/self/status`); `None` off Linux.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Runs the server until `shutdown` resolves, then drains within the grace period.
 pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -148,6 +156,26 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         })
     };
 
+    // Memory admission control samples the resident size twice a second (a file read), so the
+    // accept path only loads an atomic.
+    let sampler = (config.max_memory_mb > 0).then(|| {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Some(rss) = resident_bytes() {
+                            state.rss_bytes.store(rss, Ordering::Relaxed);
+                        }
+                    }
+                    _ = shutdown.wait() => break,
+                }
+            }
+        })
+    });
+
     let metrics_server = match listeners.metrics {
         Some(listener) if telemetry.prometheus_enabled() => {
             let router = metrics_router(telemetry.clone());
@@ -179,6 +207,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
+    if let Some(s) = sampler {
+        s.abort();
+    }
     // After the sockets: their unsubscriptions are the last events. Webhooks get what is left
     // of the grace period, and at least a second to flush.
     webhooks.close(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1))).await;

@@ -24,6 +24,8 @@ pub struct State {
     /// Set when shutdown starts: `/up` answers 503 from then on.
     pub draining: AtomicBool,
     connections: AtomicU64,
+    /// Resident memory in bytes, sampled by the server when `max_memory_mb` is set.
+    pub rss_bytes: AtomicU64,
     next_socket: AtomicU64,
     node_tag: u32,
 }
@@ -47,6 +49,7 @@ impl State {
             sockets: Tracker::default(),
             draining: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            rss_bytes: AtomicU64::new(0),
             next_socket: AtomicU64::new(1),
             // Random per process so socket ids from different nodes do not collide.
             node_tag: fastrand::u32(1..u32::MAX),
@@ -65,6 +68,12 @@ impl State {
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
             .is_ok()
+    }
+
+    /// Whether memory admission control refuses new connections now.
+    pub fn over_memory(&self) -> bool {
+        let max = self.config.max_memory_mb;
+        max > 0 && self.rss_bytes.load(Ordering::Relaxed) > max * 1024 * 1024
     }
 
     pub fn release_connection(&self) {

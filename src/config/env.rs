@@ -84,6 +84,9 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
     if let Some((v, k)) = get(e, &["SOCKUDO_MAX_CONNECTIONS"]) {
         c.max_connections = parse(v, &k, "a whole number")?;
     }
+    if let Some((v, k)) = get(e, &["SOCKUDO_MAX_MEMORY_MB"]) {
+        c.max_memory_mb = parse(v, &k, "a number of MiB")?;
+    }
     if let Some((v, k)) = get(e, &["SHUTDOWN_GRACE_PERIOD"]) {
         c.shutdown_grace_period = parse(v, &k, "a number of seconds")?;
     }

@@ -30,6 +30,9 @@ pub struct Config {
     pub pong_timeout: u64,
     /// Open connections this node accepts; 0 means no limit.
     pub max_connections: u64,
+    /// Admission control by memory: above this resident size (MiB) new connections are refused
+    /// with 4100 (clients back off and retry) instead of meeting the OOM killer; 0 turns it off.
+    pub max_memory_mb: u64,
     /// Seconds that shutdown waits for sockets and requests to finish.
     pub shutdown_grace_period: u64,
     /// Delay that coalesces subscription-count changes into one `subscription_count` event.
@@ -470,6 +473,7 @@ impl Default for Config {
             activity_timeout: 120,
             pong_timeout: 30,
             max_connections: 0,
+            max_memory_mb: 0,
             shutdown_grace_period: 10,
             subscription_count_debounce_ms: 100,
             cache: CacheConfig::default(),

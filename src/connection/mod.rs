@@ -89,7 +89,7 @@ async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<Str
     if state.shutdown.is_triggered() {
         return refuse(ws, &state, Some(&app), ProtocolError::ShuttingDown).await;
     }
-    if !state.try_acquire_connection() {
+    if state.over_memory() || !state.try_acquire_connection() {
         return refuse(ws, &state, Some(&app), ProtocolError::OverCapacity).await;
     }
     if !app.try_acquire_connection() {

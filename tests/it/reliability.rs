@@ -198,3 +198,26 @@ async fn race_suite_leaves_no_stale_presence_state() {
     assert_eq!(subs, unsubs, "every subscription ended exactly once");
     server.stop().await;
 }
+
+/// Admission control by memory: above `max_memory_mb` new sockets are refused with 4100 (a
+/// retryable code, counted as `over_capacity`) while existing ones keep working.
+#[tokio::test]
+async fn memory_admission_control_refuses_new_connections() {
+    let server = TestServer::start_with(|c| c.max_memory_mb = 1).await;
+    // Any real process is above 1 MiB once the sampler has run.
+    let refused = eventually(WAIT, || async {
+        let mut ws = Client::open(&server.ws_url(KEY, "protocol=7")).await;
+        let f = next_json(&mut ws).await;
+        f["event"] == "pusher:error" && f["data"]["code"] == 4100
+    })
+    .await;
+    assert!(refused, "connections above the memory limit are refused with 4100");
+    let l = [("app_id", APP_ID), ("error_type", "over_capacity")];
+    assert!(server.metric("sockudo_connection_errors_total", &l).await.unwrap() >= 1.0);
+    server.stop().await;
+    // A generous limit admits everyone.
+    let roomy = TestServer::start_with(|c| c.max_memory_mb = 1 << 20).await;
+    let mut c = roomy.client().await;
+    c.subscribe("fine").await;
+    roomy.stop().await;
+}
