@@ -413,21 +413,12 @@ async fn one_trace_across_nodes() {
     let mut sub = b.client().await;
     sub.subscribe("traced").await;
     // Wait until a's broadcasts reach b (the nodes have met).
-    let path = format!("/apps/{APP_ID}/events");
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let mut delivered = false;
     for _ in 0..50 {
         let body = json!({"name": "t", "channel": "traced", "data": "x"}).to_string();
-        let q = signed_query(KEY, SECRET, "POST", &path, &[], Some(&body), now());
-        let resp = reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{}{path}?{q}", a.port))
-            .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
+        assert_eq!(signed_publish(a.port, &body, Some(&traceparent)).await.0, 200);
         if tokio::time::timeout(Duration::from_millis(200), sub.expect("t")).await.is_ok() {
             delivered = true;
             break;

@@ -66,18 +66,10 @@ async fn no_secret_or_signature_in_any_log_line() {
     let sig = sockudo::auth::sign(SECRET, &format!("{}::user::{user_data}", c.socket_id));
     c.send(json!({"event": "pusher:signin", "data": {"auth": format!("{KEY}:{sig}"), "user_data": user_data}})).await;
     c.expect("pusher:signin_success").await;
-    let path = format!("/apps/{APP_ID}/events");
     let body = json!({"name": "e", "channel": "private-secret-scan", "data": "payload-marker"}).to_string();
-    let query = signed_query(KEY, SECRET, "POST", &path, &[], Some(&body), now());
+    let (status, query) = signed_publish(server.port, &body, None).await;
+    assert_eq!(status, 200);
     let api_sig = query.rsplit_once("auth_signature=").unwrap().1.to_owned();
-    let resp = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}{path}?{query}", server.port))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
     c.expect("e").await;
     // A request with a wrong signature is logged as a failure, without the signature.
     let bad_query = signed_query(KEY, "wrong", "GET", &format!("/apps/{APP_ID}/channels"), &[], None, now());

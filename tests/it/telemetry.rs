@@ -15,17 +15,8 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
 
 async fn publish_traced(port: u16, channel: &str, traceparent: Option<&str>) -> u16 {
-    let path = format!("/apps/{APP_ID}/events");
     let body = json!({"name": "traced", "channel": channel, "data": "{\"secret\":\"payload-text\"}"}).to_string();
-    let query = signed_query(KEY, SECRET, "POST", &path, &[], Some(&body), now());
-    let mut req = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}{path}?{query}"))
-        .header("content-type", "application/json")
-        .body(body);
-    if let Some(tp) = traceparent {
-        req = req.header("traceparent", tp);
-    }
-    tokio::time::timeout(WAIT, req.send()).await.unwrap().unwrap().status().as_u16()
+    signed_publish(port, &body, traceparent).await.0
 }
 
 fn otel_env(endpoint: &str, protocol: &str) -> Vec<(&'static str, String)> {

@@ -209,6 +209,23 @@ pub fn signed_query(
     format!("{encoded}&auth_signature={sig}")
 }
 
+/// A signed `POST /apps/{APP_ID}/events` with `body` to a server on `port` (an in-process one
+/// or a child process), optionally inside the caller's trace. Returns the status and the
+/// signed query string it used.
+pub async fn signed_publish(port: u16, body: &str, traceparent: Option<&str>) -> (u16, String) {
+    let path = format!("/apps/{APP_ID}/events");
+    let query = signed_query(KEY, SECRET, "POST", &path, &[], Some(body), now());
+    let mut req = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path}?{query}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
+    }
+    let status = tokio::time::timeout(WAIT, req.send()).await.expect("publish in time").expect("publish").status();
+    (status.as_u16(), query)
+}
+
 /// Reads one sample from Prometheus text.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
