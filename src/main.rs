@@ -10,6 +10,14 @@ use sockudo::config::{self, Config};
 use sockudo::server::{self, Listeners};
 use sockudo::shutdown;
 
+// The allocator is a build-time choice measured in benches/variants.sh (README, Benchmarks).
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(all(feature = "alloc-jemalloc", not(feature = "alloc-mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits.h EX_USAGE / EX_CONFIG family: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 

@@ -4,8 +4,12 @@
 //! beyond the cap: a push that would pass it marks the connection as a slow consumer.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 /// Anything queued reports its size in bytes.
@@ -38,7 +42,11 @@ const MAX_CONTROL_ITEMS: usize = 1024;
 
 pub struct Outbox<T> {
     state: Mutex<State<T>>,
-    notify: Notify,
+    /// The one writer's waker and a "something was queued" flag: a broadcast to N sockets
+    /// costs N flag stores and wakes, not N trips through a waiter list (tokio's `Notify`
+    /// takes a mutex per `notify_one` when a task waits, which showed in profiles).
+    writer: AtomicWaker,
+    dirty: AtomicBool,
     /// Woken when a close is requested, so a writer blocked on a slow socket can give up.
     closing: Notify,
     cap_bytes: usize,
@@ -61,7 +69,8 @@ impl<T: Weighted> Outbox<T> {
     pub fn new(cap_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State { control: VecDeque::new(), frames: VecDeque::new(), bytes: 0, close: None }),
-            notify: Notify::new(),
+            writer: AtomicWaker::new(),
+            dirty: AtomicBool::new(false),
             closing: Notify::new(),
             cap_bytes,
         }
@@ -160,7 +169,8 @@ impl<T: Weighted> Outbox<T> {
     }
 
     fn wake(&self, closed: bool) {
-        self.notify.notify_one();
+        self.dirty.store(true, Ordering::Release);
+        self.writer.wake();
         if closed {
             self.closing.notify_waiters();
         }
@@ -168,6 +178,9 @@ impl<T: Weighted> Outbox<T> {
 
     /// Moves everything queued into `out` (control frames first).
     pub fn drain(&self, out: &mut Vec<T>) -> Drained {
+        // Cleared before taking the lock: a push after this point sets it again, so nothing
+        // queued can be missed by the next `notified`.
+        self.dirty.store(false, Ordering::Release);
         let mut s = self.lock();
         out.extend(s.control.drain(..));
         out.extend(s.frames.drain(..));
@@ -175,10 +188,23 @@ impl<T: Weighted> Outbox<T> {
         Drained { close: s.close.clone() }
     }
 
-    /// Resolves when something was queued since the last drain (a stored permit makes a
-    /// notification that came before the wait count).
+    /// Resolves when something was queued (or a close requested) since the last drain, even
+    /// if that happened before the wait began. Only one task (the connection's writer) waits.
     pub async fn notified(&self) {
-        self.notify.notified().await
+        poll_fn(|cx| {
+            if self.dirty.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.writer.register(cx.waker());
+            // Checked again after registering: a push between the first check and the
+            // registration woke the previous waker, not this one.
+            if self.dirty.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -210,6 +236,28 @@ mod tests {
         // The control frame survives; the data frames were dropped with the overflow.
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, 100);
+    }
+
+    #[tokio::test]
+    async fn notified_sees_pushes_before_and_after_the_wait() {
+        let o = std::sync::Arc::new(Outbox::new(100));
+        // A push before the wait counts.
+        o.push(B(1));
+        tokio::time::timeout(std::time::Duration::from_secs(5), o.notified()).await.expect("stored push");
+        let mut out = Vec::new();
+        o.drain(&mut out);
+        // After a drain with nothing new, the wait does not resolve...
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(20), o.notified()).await.is_err());
+        // ...until another task pushes.
+        let pusher = {
+            let o = o.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                o.push(B(1));
+            })
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), o.notified()).await.expect("woken by a push");
+        pusher.await.unwrap();
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub fn router(state: Arc<State>) -> Router {
         .with_state(state)
 }
 
-fn metrics_router(telemetry: Arc<Telemetry>) -> Router {
+fn metrics_router(telemetry: Arc<Telemetry>, state: Arc<State>) -> Router {
     Router::new()
+        .route("/stats", get(move || std::future::ready(axum::Json(stats(&state)))))
         .route(
             "/metrics",
             get(move || {
@@ -112,6 +113,23 @@ async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, h
 }
 
 /// This process's resident memory (`VmRSS` of `/proc/self/status`); `None` off Linux.
+/// `GET /stats` on the metrics listener: the node's true counts and process resources as JSON,
+/// for soak and churn checks (is the gauge equal to the real number? are tasks and file
+/// descriptors back to the baseline?). Values the platform cannot give are `null`.
+fn stats(state: &State) -> serde_json::Value {
+    let (channels, presence_members) = state.adapter.local_counts();
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count());
+    serde_json::json!({
+        "connections": state.connection_count(),
+        "socket_tasks": state.sockets.live(),
+        "channels": channels,
+        "presence_members": presence_members,
+        "tokio_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        "open_fds": open_fds,
+        "rss_bytes": resident_bytes(),
+    })
+}
+
 fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -178,7 +196,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
 
     let metrics_server = match listeners.metrics {
         Some(listener) if telemetry.prometheus_enabled() => {
-            let router = metrics_router(telemetry.clone());
+            let router = metrics_router(telemetry.clone(), state.clone());
             let stop = shutdown.clone();
             tracing::info!(addr = %listener.local_addr()?, "metrics listening");
             Some(tokio::spawn(serve_http(listener, router, stop, Duration::from_secs(10))))

@@ -503,6 +503,11 @@ impl Adapter {
         }
     }
 
+    /// Occupied channels and presence members on this node, over every app (for `/stats`).
+    pub fn local_counts(&self) -> (usize, usize) {
+        self.registry.all().iter().map(|a| a.counts()).fold((0, 0), |(c, m), (ac, am)| (c + ac, m + am))
+    }
+
     /// Drops expired cached events of every app (run periodically).
     pub fn sweep_caches(&self) {
         for app in self.registry.all() {

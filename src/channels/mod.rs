@@ -305,6 +305,12 @@ impl AppChannels {
     pub fn channel_count(&self) -> usize {
         self.lock().channels.len()
     }
+
+    /// Occupied channels and presence members (one per user per channel) on this node.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.channels.len(), inner.channels.values().map(|c| c.members.len()).sum())
+    }
 }
 
 fn presence_payload(ch: &Channel) -> String {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -35,6 +35,9 @@ enum End {
     Gone,
     /// The server closed it with this code.
     Closed(u16),
+    /// Closed as a slow consumer while a write to it was blocked: its 4100 close frame is
+    /// still to be sent, behind the bytes the client has not read yet.
+    Stalled,
 }
 
 struct Subscription {
@@ -76,11 +79,31 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
     handle.reply(server::connection_established(&handle.id, cfg.activity_timeout));
     let end = session.event_loop(&mut ws).await;
     session.cleanup();
+    if let End::Stalled = end {
+        // The writer gave up mid-write, so the close frame was never queued. It goes out behind
+        // what is already buffered, from a task of its own within the write timeout, so that a
+        // client that reads again learns why (4100: back off) instead of seeing an abnormal
+        // closure, while the connection's slot and channels are already released.
+        let err = ProtocolError::SlowConsumer;
+        let close = CloseFrame { code: err.code(), reason: Utf8Bytes::from(err.to_string()) };
+        let write_timeout = Duration::from_secs(cfg.websocket.write_timeout_seconds);
+        let (token, shutdown) = (state.sockets.token(), state.shutdown.clone());
+        tokio::spawn(async move {
+            let _token = token;
+            tokio::select! {
+                _ = tokio::time::timeout(write_timeout, ws.send(Message::Close(Some(close)))) => {}
+                _ = shutdown.wait() => {}
+            }
+        });
+    }
     state.metrics.connection_closed(&app.attrs);
     match end {
         End::Gone => tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection closed by the client"),
         End::Closed(code) => {
             tracing::debug!(app_id = %app.id, socket_id = %handle.id, code, "connection closed by the server")
+        }
+        End::Stalled => {
+            tracing::debug!(app_id = %app.id, socket_id = %handle.id, code = ProtocolError::SlowConsumer.code(), "connection closed by the server")
         }
     }
 }
@@ -182,16 +205,15 @@ impl Session<'_> {
             ws.flush().await
         };
         let closing_code = close.as_ref().map(|(code, _)| *code);
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(deadline, send) => match (r, closing_code) {
-                (Ok(Ok(())), _) => Ok(()),
-                (Ok(Err(_)), _) => Err(End::Gone),
-                // Already closing for another reason (or already counted as slow): give up.
-                (Err(_), Some(code)) => Err(End::Closed(code)),
-                (Err(_), None) => Err(self.slow_consumer()),
-            },
-            // The client's queue overflowed while this write was blocked on it.
-            _ = self.handle.outbox.closing(), if close.is_none() => Err(self.slow_consumer()),
+        // Most writes complete at once (the socket buffer has room): try once before arming
+        // the deadline, so the common case registers no timer.
+        let outcome = {
+            let mut send = std::pin::pin!(send);
+            match (&mut send).now_or_never() {
+                Some(Ok(())) => Ok(()),
+                Some(Err(_)) => Err(End::Gone),
+                None => self.write_blocked(send, deadline, closing_code, close.is_none()).await,
+            }
         };
         if outcome.is_ok() && count > 0 {
             self.state.metrics.ws_sent(&self.app.attrs, count, bytes);
@@ -208,12 +230,33 @@ impl Session<'_> {
         }
     }
 
+    /// Finishes a write the socket could not take at once: within `deadline`, and giving up
+    /// as soon as the client's queue overflows meanwhile (unless already closing).
+    async fn write_blocked(
+        &self,
+        send: std::pin::Pin<&mut impl std::future::Future<Output = Result<(), axum::Error>>>,
+        deadline: Duration,
+        closing_code: Option<u16>,
+        watch_overflow: bool,
+    ) -> Result<(), End> {
+        tokio::select! {
+            r = tokio::time::timeout(deadline, send) => match (r, closing_code) {
+                (Ok(Ok(())), _) => Ok(()),
+                (Ok(Err(_)), _) => Err(End::Gone),
+                // Already closing for another reason (or already counted as slow): give up.
+                (Err(_), Some(code)) => Err(End::Closed(code)),
+                (Err(_), None) => Err(self.slow_consumer()),
+            },
+            // The client's queue overflowed while this write was blocked on it.
+            _ = self.handle.outbox.closing(), if watch_overflow => Err(self.slow_consumer()),
+        }
+    }
+
     /// A write that could not complete: the client is not reading.
     fn slow_consumer(&self) -> End {
-        let err = ProtocolError::SlowConsumer;
-        self.count_error(&err);
+        self.count_error(&ProtocolError::SlowConsumer);
         tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "connection closed: client too slow to read");
-        End::Closed(err.code())
+        End::Stalled
     }
 
     async fn read_failed(&self, ws: &mut WebSocket, err: axum::Error) -> End {
