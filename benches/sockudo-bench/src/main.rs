@@ -3,18 +3,28 @@
 //!
 //! Scenarios (subcommands): `fanout` (publish-to-delivery latency, deliveries/s, loss and
 //! duplicates), `saturation` (raise the publish rate until p99 passes a limit), `connections`
-//! (idle subscribed connections: connect rate and server memory per connection) and `churn`
-//! (connect/subscribe/unsubscribe/close cycles per second). Each prints a progress line once a
+//! (idle subscribed connections: connect rate and server memory per connection), `churn`
+//! (connect/subscribe/unsubscribe/disconnect cycles per second; with `--metrics-port`, checks
+//! that the server returns to its baseline), `flood` (connections and publishes past the
+//! saturation point: refusal codes, recovery time) and `soak` (do the gauges equal the true
+//! counts over a long run). Each prints a progress line once a
 //! second on stderr and a table at the end on stdout, or one JSON object with `--json`;
 //! `--markdown FILE` appends a summary row for `benches/run.sh`.
 
 mod churn;
 mod connections;
 mod fanout;
+mod flood;
+mod locate;
 mod pusher;
+mod rawsub;
+mod receiver;
 mod report;
 mod saturation;
+mod soak;
+mod stalled;
 mod sys;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,8 +95,12 @@ enum Scenario {
     Saturation(SaturationArgs),
     /// Open N idle subscribed connections; connect rate and server RSS per connection.
     Connections(ConnectionsArgs),
-    /// Workers looping connect -> subscribe -> (unsubscribe -> subscribe) -> close.
+    /// Workers looping connect -> subscribe -> (unsubscribe -> subscribe) -> close, reset or pong timeout.
     Churn(ChurnArgs),
+    /// Connection attempts and publishes at a multiple of the saturation rates; codes and recovery.
+    Flood(FloodArgs),
+    /// Random opens, closes, subscribes and unsubscribes; the gauges must equal the true counts.
+    Soak(SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +127,22 @@ struct SubscriberArgs {
     /// a cluster: `--subscribe-ports 6001,6002`); publishes still go to `--port`.
     #[arg(long, value_delimiter = ',', value_name = "P1,P2,...")]
     subscribe_ports: Vec<u16>,
+    /// Receiver threads running epoll over the subscribers' sockets (0: half the cores, at least one).
+    #[arg(long, default_value_t = 0)]
+    receiver_threads: usize,
+    /// Subscribers (of --subscribers) that never read after subscribing: slow consumers.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
+    /// SO_RCVBUF of the stalled subscribers, set before connecting (small: they back up fast).
+    #[arg(long, default_value_t = 4096)]
+    stalled_recv_buffer: u32,
+    /// Pad each publish's payload to this many bytes (to fill stalled subscribers' queues).
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// ACK every read at once, as the kernel does by default, instead of deferring ACKs to the
+    /// delayed-ACK timer (which takes them out of the tool's recv() and out of the broadcast).
+    #[arg(long)]
+    quickack: bool,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +155,10 @@ struct FanoutArgs {
     /// Seconds of publishing.
     #[arg(long, short = 't', default_value_t = 20.0)]
     duration: f64,
+    /// With --stalled N: first run the same settings with none stalled, then with N stalled,
+    /// and report the reading subscribers' p99 ratio.
+    #[arg(long)]
+    stalled_compare: bool,
 }
 
 #[derive(Args, Debug)]
@@ -189,6 +223,98 @@ struct ChurnArgs {
     /// Loopback source addresses to cycle over (TIME_WAIT spreads over them).
     #[arg(long, default_value_t = 4)]
     source_addrs: usize,
+    /// Run this many cycles instead of --duration seconds.
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// How cycles end, as weights: graceful (close frame), reset (SO_LINGER 0), pong (never
+    /// answer pings until the server closes with 4201).
+    #[arg(long, default_value = "graceful=1", value_parser = churn::parse_mix)]
+    mix: churn::Mix,
+    /// Percentage of cycles on presence channels (signed with --secret, a user per cycle).
+    #[arg(long, default_value_t = 0)]
+    presence: u32,
+    /// Pong-timeout sockets held at a time (each lasts activity_timeout + pong_timeout).
+    #[arg(long, default_value_t = 200)]
+    pong_pool: usize,
+    /// The server's metrics port (sockudo): warm up, take /stats as the baseline, and check
+    /// at the end that counts are 0 and tasks, fds and RSS are back to it.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Cycles of the warm-up (with --metrics-port).
+    #[arg(long, default_value_t = 20_000)]
+    warmup_cycles: u64,
+    /// Longest wait in seconds for the server to drain and return to the baseline.
+    #[arg(long, default_value_t = 30.0)]
+    settle: f64,
+}
+
+#[derive(Args, Debug)]
+struct FloodArgs {
+    /// Connection attempts per second at the measured saturation point (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    connect_rate: f64,
+    /// Publishes per second at the measured saturation point (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    publish_rate: f64,
+    /// The flood runs at this multiple of both rates.
+    #[arg(long, default_value_t = 2.0)]
+    multiple: f64,
+    /// Seconds of flood.
+    #[arg(long, short = 't', default_value_t = 10.0)]
+    duration: f64,
+    /// Subscribers of the flooded channel, connected before the flood.
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    /// Connected flood sockets held open at most (the rest are reset at once).
+    #[arg(long, default_value_t = 10_000)]
+    max_held: usize,
+    /// Connection attempts, and publishes, in flight at most (beyond: skipped and counted).
+    #[arg(long, default_value_t = 2_000)]
+    max_inflight: usize,
+    /// Seconds after the flood within which a probe client must connect, subscribe and receive.
+    #[arg(long, default_value_t = 30.0)]
+    recovery_timeout: f64,
+    /// Loopback source addresses to cycle over.
+    #[arg(long, default_value_t = 8)]
+    source_addrs: usize,
+}
+
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// Minutes to run.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// The server's metrics port (for /stats and /metrics).
+    #[arg(long, default_value_t = 9601)]
+    metrics_port: u16,
+    #[arg(long, default_value_t = 50)]
+    min_connections: usize,
+    #[arg(long, default_value_t = 500)]
+    max_connections: usize,
+    #[arg(long, default_value_t = 40)]
+    public_channels: usize,
+    #[arg(long, default_value_t = 10)]
+    private_channels: usize,
+    #[arg(long, default_value_t = 10)]
+    presence_channels: usize,
+    /// Presence users to draw from (several sockets may join as one user).
+    #[arg(long, default_value_t = 30)]
+    users: usize,
+    /// Operations in flight at most.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Operations started per second at most.
+    #[arg(long, default_value_t = 200.0)]
+    ops_per_second: f64,
+    /// Seconds between checkpoints.
+    #[arg(long, default_value_t = 5.0)]
+    checkpoint: f64,
+    /// Longest wait in seconds at a checkpoint for /stats to reach the tool's counts.
+    #[arg(long, default_value_t = 10.0)]
+    settle: f64,
+    /// Loopback source addresses to cycle over.
+    #[arg(long, default_value_t = 4)]
+    source_addrs: usize,
 }
 
 fn auto_sources(n: usize, given: Option<usize>) -> usize {
@@ -204,6 +330,11 @@ fn session_params(a: &SubscriberArgs) -> fanout::SessionParams {
         drain_seconds: a.drain,
         source_addrs: auto_sources(a.subscribers, a.source_addrs),
         subscribe_ports: a.subscribe_ports.clone(),
+        receiver_threads: a.receiver_threads,
+        stalled: a.stalled,
+        stalled_recv_buffer: a.stalled_recv_buffer,
+        payload_bytes: a.payload_bytes,
+        quickack: a.quickack,
     }
 }
 
@@ -269,7 +400,13 @@ async fn run(cli: Cli) -> Result<(), String> {
     let nofile = sys::raise_nofile_limit();
     let budget = match &cli.scenario {
         Scenario::Fanout(a) => {
-            open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout) + a.duration + a.subs.drain + 60.0
+            // Two runs with --stalled-compare; draining stalled subscribers takes up to 20 s.
+            let runs = if a.stalled_compare && a.subs.stalled > 0 { 2.0 } else { 1.0 };
+            runs * (open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout)
+                + a.duration
+                + a.subs.drain
+                + 60.0)
+                + if a.subs.stalled > 0 { 30.0 } else { 0.0 }
         }
         Scenario::Saturation(a) => {
             open_budget(a.subs.subscribers, a.subs.connect_concurrency, c.timeout)
@@ -281,7 +418,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                         + c.quiet_wait.max(0.0) * f64::from(u8::from(c.quiet_below > 0.0)))
         }
         Scenario::Connections(a) => open_budget(a.connections, a.concurrency, c.timeout) + a.hold.max(a.settle) + 100.0,
-        Scenario::Churn(a) => a.duration + 6.0 * c.timeout + 30.0,
+        Scenario::Churn(a) => {
+            // A cycle count has no duration: allow 100 cycles a second, plus the warm-up and
+            // the pong-timeout sockets still open at the end.
+            let run = a.cycles.map(|n| n as f64 / 100.0).unwrap_or(a.duration);
+            let warmup = if a.metrics_port.is_some() { a.warmup_cycles as f64 / 100.0 } else { 0.0 };
+            run + warmup + 6.0 * c.timeout + 2.0 * a.settle + 300.0
+        }
+        Scenario::Flood(a) => a.duration + a.recovery_timeout + 6.0 * c.timeout + 60.0,
+        Scenario::Soak(a) => a.minutes * 60.0 + 2.0 * (a.settle + 4.0 * c.timeout) + 60.0,
     };
     let quiet = (c.quiet_below / 100.0).clamp(0.0, 1.0);
     // With --quiet-below, a waiting period, and a disturbed fanout or churn run is repeated.
@@ -300,6 +445,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     sys::secs(a.duration),
                     c.server_pid,
                     sys::Quiet { below: quiet, wait: sys::secs(c.quiet_wait) },
+                    a.stalled_compare,
                 )
                 .await?;
                 emit(c, &r, || r.print(), r.markdown(), "fan-out");
@@ -334,9 +480,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                 let params = churn::ChurnParams {
                     workers: a.workers.max(1),
                     duration_seconds: a.duration,
+                    cycles: a.cycles,
                     resubscribes: a.resubscribes,
                     channels: a.channels.max(1),
                     source_addrs: a.source_addrs.min(254),
+                    mix: a.mix,
+                    presence_percent: a.presence.min(100),
+                    pong_pool: a.pong_pool.max(1),
+                    warmup_cycles: a.warmup_cycles,
+                    metrics_port: a.metrics_port,
+                    settle_seconds: a.settle,
                 };
                 let mut r = churn::run(&target, params.clone(), c.server_pid).await?;
                 let other = r.cpu.other_share().unwrap_or(0.0);
@@ -350,6 +503,49 @@ async fn run(cli: Cli) -> Result<(), String> {
                     r.repeated_for_other_load = true;
                 }
                 emit(c, &r, || r.print(), r.markdown(), "churn");
+                if !r.passed() {
+                    return Err("churn: the server did not return to its baseline (see the checks)".into());
+                }
+            }
+            Scenario::Flood(a) => {
+                let params = flood::FloodParams {
+                    connect_rate: a.connect_rate.max(0.0),
+                    publish_rate: a.publish_rate.max(0.0),
+                    multiple: a.multiple.max(0.0),
+                    duration_seconds: a.duration,
+                    subscribers: a.subscribers,
+                    max_held: a.max_held,
+                    max_inflight: a.max_inflight.max(1),
+                    recovery_timeout_seconds: a.recovery_timeout,
+                    source_addrs: a.source_addrs.min(254),
+                };
+                let r = flood::run(&target, params, c.server_pid).await?;
+                emit(c, &r, || r.print(), r.markdown(), "flood");
+                if !r.passed() {
+                    return Err("flood: the server died or did not recover in time".into());
+                }
+            }
+            Scenario::Soak(a) => {
+                let params = soak::SoakParams {
+                    minutes: a.minutes,
+                    min_connections: a.min_connections,
+                    max_connections: a.max_connections,
+                    public_channels: a.public_channels,
+                    private_channels: a.private_channels,
+                    presence_channels: a.presence_channels,
+                    users: a.users,
+                    inflight: a.inflight.max(1),
+                    ops_per_second: a.ops_per_second,
+                    checkpoint_seconds: a.checkpoint,
+                    settle_seconds: a.settle,
+                    metrics_port: a.metrics_port,
+                    source_addrs: a.source_addrs.min(254),
+                };
+                let r = soak::run(&target, params).await?;
+                emit(c, &r, || r.print(), r.markdown(), "soak");
+                if !r.passed() {
+                    return Err("soak: mismatches or failed operations (see the report)".into());
+                }
             }
         }
         Ok::<(), String>(())

@@ -119,6 +119,11 @@ pub fn append_markdown(path: &Path, scenario: &str, params: &str, result: &str) 
     writeln!(f, "| {} | {} | {} |", esc(scenario), esc(params), esc(result))
 }
 
+/// Formats an optional count, or "n/a".
+pub fn opt_u64(v: Option<u64>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "n/a".to_owned())
+}
+
 /// Formats an optional figure with `digits` decimals, or "n/a".
 pub fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "n/a".to_owned())

@@ -65,6 +65,15 @@ pub fn machine_busy_seconds() -> Option<f64> {
     Some(busy / clock_ticks())
 }
 
+/// CPU seconds the whole machine spent in softirq so far (the 7th value of the `cpu` line of
+/// `/proc/stat`): network receive processing, and TCP timers such as delayed ACKs.
+pub fn machine_softirq_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: f64 = line.split_whitespace().nth(7)?.parse().ok()?;
+    Some(v / clock_ticks())
+}
+
 /// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
 pub fn rss_kb(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -81,6 +90,7 @@ pub struct CpuMeter {
     server_start: Option<f64>,
     self_start: Option<f64>,
     machine_start: Option<f64>,
+    softirq_start: Option<f64>,
     started: Instant,
 }
 
@@ -93,6 +103,8 @@ pub struct CpuUse {
     pub bench_cpu_seconds: Option<f64>,
     /// Busy CPU seconds of the whole machine (all cores) over the interval.
     pub machine_busy_seconds: Option<f64>,
+    /// Of those, seconds in softirq (network processing and TCP timers, whoever they ran for).
+    pub machine_softirq_seconds: Option<f64>,
     /// Machine busy time not spent by the server or this tool: other load sharing the cores.
     pub other_cpu_seconds: Option<f64>,
     /// Wall-clock seconds of the interval.
@@ -108,6 +120,7 @@ impl CpuMeter {
             server_start: server_cpu_seconds(server_pid.as_deref()),
             self_start: cpu_seconds("self"),
             machine_start: machine_busy_seconds(),
+            softirq_start: machine_softirq_seconds(),
             server_pid,
             started: Instant::now(),
         }
@@ -118,6 +131,7 @@ impl CpuMeter {
         let server = server_now.zip(self.server_start).map(|(b, a)| b - a);
         let bench = cpu_seconds("self").zip(self.self_start).map(|(b, a)| b - a);
         let machine = machine_busy_seconds().zip(self.machine_start).map(|(b, a)| b - a);
+        let softirq = machine_softirq_seconds().zip(self.softirq_start).map(|(b, a)| b - a);
         let other = match (machine, server, bench) {
             (Some(m), Some(s), Some(b)) => Some((m - s - b).max(0.0)),
             _ => None,
@@ -126,6 +140,7 @@ impl CpuMeter {
             server_cpu_seconds: server,
             bench_cpu_seconds: bench,
             machine_busy_seconds: machine,
+            machine_softirq_seconds: softirq,
             other_cpu_seconds: other,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
@@ -222,6 +237,7 @@ mod tests {
         assert!(cpu_seconds("self").is_some());
         assert!(rss_kb("self").is_some_and(|kb| kb > 0));
         assert!(machine_busy_seconds().is_some_and(|s| s > 0.0));
+        assert!(machine_softirq_seconds().is_some_and(|s| s >= 0.0));
     }
 
     #[test]
