@@ -112,7 +112,6 @@ async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, h
     connections.wait_idle().await;
 }
 
-/// This process's resident memory (`VmRSS` of `/proc/self/status`); `None` off Linux.
 /// `GET /stats` on the metrics listener: the node's true counts and process resources as JSON,
 /// for soak and churn checks (is the gauge equal to the real number? are tasks and file
 /// descriptors back to the baseline?). Values the platform cannot give are `null`.
@@ -130,6 +129,7 @@ fn stats(state: &State) -> serde_json::Value {
     })
 }
 
+/// This process's resident memory (`VmRSS` of `/proc/self/status`); `None` off Linux.
 fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;

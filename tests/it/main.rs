@@ -11,6 +11,7 @@ mod cluster;
 mod config;
 mod hostile;
 mod metrics;
+mod overload;
 mod protocol;
 mod rate_limits;
 mod reliability;
