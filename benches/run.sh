@@ -128,9 +128,9 @@ run() {
 }
 
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
-    SUBS=100 T=3 CONNS=500 CHURN_T=3 STEPS=3 STEP_T=3 BIG_SUBS=1000 STALLED=2
+    SUBS=100 T=3 CONNS=500 CHURN_T=3 STEPS=3 STEP_T=3 BIG_SUBS=1000 STALLED=2 PUB_RATE=2000
 else
-    SUBS=1000 T=20 CONNS=10000 CHURN_T=10 STEPS=12 STEP_T=10 BIG_SUBS=10000 STALLED=10
+    SUBS=1000 T=20 CONNS=10000 CHURN_T=10 STEPS=12 STEP_T=10 BIG_SUBS=10000 STALLED=10 PUB_RATE=25000
 fi
 
 run fanout --subscribers "$SUBS" --channels 1 --rate 20 --duration "$T"
@@ -145,6 +145,8 @@ fi
 # Slow consumers: the same run without and with $STALLED subscribers that never read (8 KiB
 # payloads fill their queues in seconds); the readers' p99 ratio shows the isolation.
 run fanout --subscribers "$SUBS" --channels 1 --rate 20 --duration "$T" --stalled "$STALLED" --payload-bytes 8192 --stalled-compare
+# The publish path over HTTP keep-alive: signed publishes to one channel with one subscriber.
+run fanout --subscribers 1 --channels 1 --rate "$PUB_RATE" --duration 10 --max-inflight 128
 run saturation --subscribers "$SUBS" --channels 1 --start-rate 50 --factor 1.5 --max-steps "$STEPS" --step-duration "$STEP_T"
 if [[ "$MANAGED" == 1 ]]; then
     log "restarting sockudo for a fresh memory baseline"
