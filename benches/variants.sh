@@ -4,7 +4,7 @@
 #   - fan-out 1000 subscribers x 1 channel at 100 publishes/s (100k deliveries/s): server CPU
 #     seconds per million deliveries and latency;
 #   - 10,000 idle subscribed connections: server memory per connection.
-# Each variant but the default is built into its own target directory (target/variants/<name>), runs on a
+# Each variant but the default (mimalloc) is built into its own target directory (target/variants/<name>), runs on a
 # fresh process, and the variants are interleaved ROUNDS times. Writes benches/results-variants.md
 # and benches/results-variants.json.
 #
@@ -24,15 +24,15 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 build_variant() {
     local name="$1" dir="$ROOT/target/variants/$1" feats=() envs=()
     case "$name" in
-        system) dir="$ROOT/target" ;;
-        mimalloc) feats=(--features alloc-mimalloc) ;;
-        jemalloc) feats=(--features alloc-jemalloc) ;;
+        system) feats=(--no-default-features) ;;
+        mimalloc) dir="$ROOT/target" ;;
+        jemalloc) feats=(--no-default-features --features alloc-jemalloc) ;;
         fat-lto) envs=(CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1) ;;
         *) echo "unknown variant $name" >&2; return 1 ;;
     esac
     if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
         log "building variant $name"
-        env "${envs[@]}" CARGO_TARGET_DIR="$dir" cargo build --locked --release -p sockudo "${feats[@]}" >&2
+        env CARGO_TARGET_DIR="$dir" "${envs[@]}" cargo build --locked --release -p sockudo "${feats[@]}" >&2
     fi
     echo "$dir/release/sockudo"
 }
@@ -80,8 +80,8 @@ size_mb() { jq -nr --argjson b "$(stat -c %s "$1")" '($b / 1048576 * 10 | round 
     echo "# Build variants: allocator and release profile"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- server: sockudo $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), the default build in target/release, the others built into target/variants/<name>, a fresh process for every run; loopback only, the generator shares the $(nproc) cores"
-    echo "- variants: system = the default build (glibc malloc, \`lto = \"thin\"\`, 4 codegen units); mimalloc = \`--features alloc-mimalloc\`; jemalloc = \`--features alloc-jemalloc\`; fat-lto = \`CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1\`"
+    echo "- server: sockudo $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), the default build (mimalloc) in target/release, the others built into target/variants/<name>, a fresh process for every run; loopback only, the generator shares the $(nproc) cores"
+    echo "- variants: mimalloc = the default build (\`lto = \"thin\"\`, 4 codegen units); system = \`--no-default-features\` (glibc malloc); jemalloc = \`--no-default-features --features alloc-jemalloc\`; fat-lto = the default plus \`CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1\`"
     echo "- runs: \`sockudo-bench --port <port> --server-pid <pid> --quiet-below 10 --json ${FANOUT[*]}\` and \`... ${CONNECT[*]}\`, interleaved over the variants, $ROUNDS rounds; means below"
     echo
     echo "| variant | binary | server CPU s per M deliveries at 100k/s | p50 / p99 ms | KB per idle connection | connects/s |"

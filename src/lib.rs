@@ -9,6 +9,9 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod connection;
+// Glue for the cargo-fuzz targets in fuzz/ and their stable replay in tests/it; not an API.
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod outbox;
 pub mod protocol;
 pub mod rate_limit;

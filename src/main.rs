@@ -10,7 +10,8 @@ use sockudo::config::{self, Config};
 use sockudo::server::{self, Listeners};
 use sockudo::shutdown;
 
-// The allocator is a build-time choice measured in benches/variants.sh (README, Benchmarks).
+// The allocator is a build-time choice measured in benches/variants.sh (README, Benchmarks):
+// mimalloc by default; `--no-default-features` gives glibc malloc.
 #[cfg(feature = "alloc-mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

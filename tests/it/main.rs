@@ -9,6 +9,7 @@ mod apps_sql;
 mod clients;
 mod cluster;
 mod config;
+mod fuzz_regressions;
 mod hostile;
 mod metrics;
 mod overload;

@@ -1,0 +1,6 @@
+//! cargo-fuzz entry point for `sockudo::fuzz_targets::channel_data` (see that function for the input format
+//! and the invariants checked).
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sockudo::fuzz_targets::channel_data(data));
