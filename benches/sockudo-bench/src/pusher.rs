@@ -184,14 +184,18 @@ pub fn ws_config(busy: bool) -> WebSocketConfig {
     }
 }
 
-/// Opens a TCP connection (from `source` if given), runs the WebSocket handshake and waits
-/// for `pusher:connection_established`. Every step is bounded by `target.timeout`.
-pub async fn open(target: &Target, source: Option<IpAddr>, config: WebSocketConfig) -> Result<Ws, Failure> {
-    let socket = match target.addr {
+/// A TCP socket of `target`'s address family, for options to be set before [`connect_tcp`].
+pub fn tcp_socket(target: &Target) -> Result<TcpSocket, Failure> {
+    match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(|e| fail(Stage::Tcp, e))?;
+    .map_err(|e| fail(Stage::Tcp, e))
+}
+
+/// Binds `socket` to `source` (if given), connects it within `target.timeout` and sets
+/// `TCP_NODELAY`.
+pub async fn connect_tcp(target: &Target, socket: TcpSocket, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0)).map_err(|e| fail(Stage::Tcp, format!("bind {ip}: {e}")))?;
     }
@@ -200,6 +204,13 @@ pub async fn open(target: &Target, source: Option<IpAddr>, config: WebSocketConf
         .map_err(|_| fail(Stage::Tcp, "timed out"))?
         .map_err(|e| fail(Stage::Tcp, e))?;
     stream.set_nodelay(true).map_err(|e| fail(Stage::Tcp, e))?;
+    Ok(stream)
+}
+
+/// Opens a TCP connection (from `source` if given), runs the WebSocket handshake and waits
+/// for `pusher:connection_established`. Every step is bounded by `target.timeout`.
+pub async fn open(target: &Target, source: Option<IpAddr>, config: WebSocketConfig) -> Result<Ws, Failure> {
+    let stream = connect_tcp(target, tcp_socket(target)?, source).await?;
     let (mut ws, _) = tokio::time::timeout(
         target.timeout,
         tokio_tungstenite::client_async_with_config(target.ws_url(), stream, Some(config)),

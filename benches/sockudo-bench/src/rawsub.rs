@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::locate;
-use crate::pusher::{fail, Failure, Stage, Target};
+use crate::pusher::{self, fail, Failure, Stage, Target};
 use crate::wire::{self, Event, Masks, Reader};
 
 /// A subscribed connection, ready to be read without a WebSocket library.
@@ -179,25 +179,14 @@ impl Conn {
 /// Connects, upgrades, waits for the welcome, subscribes to `channel` and waits for the
 /// subscription reply. Every step is bounded by `target.timeout`.
 pub async fn open_subscribed(target: &Target, channel: &str, opts: OpenOptions) -> Result<Subscribed, Failure> {
-    let socket = match target.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|e| fail(Stage::Tcp, e))?;
+    let socket = pusher::tcp_socket(target)?;
     if let Some(size) = opts.recv_buffer {
         socket.set_recv_buffer_size(size).map_err(|e| fail(Stage::Tcp, format!("SO_RCVBUF: {e}")))?;
     }
     if let Some(mss) = opts.max_segment {
         set_max_segment(&socket, mss).map_err(|e| fail(Stage::Tcp, format!("TCP_MAXSEG: {e}")))?;
     }
-    if let Some(ip) = opts.source {
-        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| fail(Stage::Tcp, format!("bind {ip}: {e}")))?;
-    }
-    let stream = tokio::time::timeout(target.timeout, socket.connect(target.addr))
-        .await
-        .map_err(|_| fail(Stage::Tcp, "timed out"))?
-        .map_err(|e| fail(Stage::Tcp, e))?;
-    stream.set_nodelay(true).map_err(|e| fail(Stage::Tcp, e))?;
+    let stream = pusher::connect_tcp(target, socket, opts.source).await?;
     let local = stream.local_addr().map_err(|e| fail(Stage::Tcp, e))?;
     let mut masks = Masks::new(crate::sys::now_nanos() ^ (u64::from(local.port()) << 48));
     let nonce: Vec<u8> = (0..2).flat_map(|_| masks.next_u64().to_le_bytes()).collect();
