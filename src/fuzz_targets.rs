@@ -44,26 +44,14 @@ fn app() -> AppConfig {
     AppConfig::default()
 }
 
-/// The limits a session parses frames with, as `App::parse_limits` builds them.
+/// The limits a session parses frames with (the default app's).
 fn parse_limits() -> ParseLimits {
-    let a = app();
-    ParseLimits {
-        max_channel_name_len: a.max_channel_name_length,
-        max_event_name_len: a.max_event_name_length,
-        max_client_payload_bytes: a.max_event_payload_in_kb * 1024,
-    }
+    crate::app::parse_limits(&app())
 }
 
-/// The limits an API publish is checked against, as `App::publish_limits` builds them.
+/// The limits an API publish is checked against (the default app's).
 fn publish_limits() -> PublishLimits {
-    let a = app();
-    PublishLimits {
-        max_channel_name_len: a.max_channel_name_length,
-        max_event_name_len: a.max_event_name_length,
-        max_payload_bytes: a.max_event_payload_in_kb * 1024,
-        max_channels: a.max_event_channels_at_once,
-        max_batch: a.max_event_batch_size,
-    }
+    crate::app::publish_limits(&app())
 }
 
 /// Parses a frame the server built; it must always be valid JSON.

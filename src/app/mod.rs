@@ -58,21 +58,11 @@ impl App {
     }
 
     pub fn parse_limits(&self) -> ParseLimits {
-        ParseLimits {
-            max_channel_name_len: self.settings.max_channel_name_length,
-            max_event_name_len: self.settings.max_event_name_length,
-            max_client_payload_bytes: self.settings.max_event_payload_in_kb * 1024,
-        }
+        parse_limits(&self.settings)
     }
 
     pub fn publish_limits(&self) -> PublishLimits {
-        PublishLimits {
-            max_channel_name_len: self.settings.max_channel_name_length,
-            max_event_name_len: self.settings.max_event_name_length,
-            max_payload_bytes: self.settings.max_event_payload_in_kb * 1024,
-            max_channels: self.settings.max_event_channels_at_once,
-            max_batch: self.settings.max_event_batch_size,
-        }
+        publish_limits(&self.settings)
     }
 
     /// Takes a connection slot under the app's quota; false when the app is full.
@@ -216,5 +206,25 @@ impl AppManager {
             Backend::Sql(apps) => apps.cached(),
             Backend::Broken => Vec::new(),
         }
+    }
+}
+
+/// The limits a session parses an app's client frames with.
+pub fn parse_limits(settings: &AppConfig) -> ParseLimits {
+    ParseLimits {
+        max_channel_name_len: settings.max_channel_name_length,
+        max_event_name_len: settings.max_event_name_length,
+        max_client_payload_bytes: settings.max_event_payload_in_kb * 1024,
+    }
+}
+
+/// The limits an API publish to an app is checked against.
+pub fn publish_limits(settings: &AppConfig) -> PublishLimits {
+    PublishLimits {
+        max_channel_name_len: settings.max_channel_name_length,
+        max_event_name_len: settings.max_event_name_length,
+        max_payload_bytes: settings.max_event_payload_in_kb * 1024,
+        max_channels: settings.max_event_channels_at_once,
+        max_batch: settings.max_event_batch_size,
     }
 }
