@@ -331,7 +331,10 @@ pub fn api_query(data: &[u8]) {
     let params = match auth::query_params(query) {
         Ok(params) => params,
         Err(e) => {
-            assert!(matches!(first, Err(ApiAuthError::Duplicate(_))), "{e:?} vs {first:?}");
+            assert!(
+                matches!(first, Err(ApiAuthError::Duplicate(_) | ApiAuthError::Ambiguous(_))),
+                "{e:?} vs {first:?}"
+            );
             return;
         }
     };

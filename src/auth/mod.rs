@@ -70,6 +70,10 @@ pub enum ApiAuthError {
     BodyMd5Mismatch,
     #[error("invalid signature")]
     Signature,
+    /// A decoded parameter holds `&` or `=`: the joined string to sign would then read as other
+    /// parameters, so one signature would verify another query. No Pusher SDK sends one.
+    #[error("query parameter {0} contains an encoded '&' or '='")]
+    Ambiguous(String),
 }
 
 /// A request as the signature sees it.
@@ -93,6 +97,11 @@ pub fn query_params(query: &str) -> Result<Vec<(String, String)>, ApiAuthError> 
     keys.sort_unstable();
     if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
         return Err(ApiAuthError::Duplicate(pair[0].chars().take(32).collect()));
+    }
+    // The signature is over the decoded pairs joined with `&` and `=`; a decoded key or value
+    // holding either makes that join ambiguous (`a=x%26b%3Dy` would sign as `a=x&b=y`).
+    if let Some((k, _)) = params.iter().find(|(k, v)| k.contains(['&', '=']) || v.contains(['&', '='])) {
+        return Err(ApiAuthError::Ambiguous(k.chars().take(32).collect()));
     }
     Ok(params)
 }
@@ -216,5 +225,30 @@ mod tests {
         keys.push("0".into());
         assert_eq!(query_params(&keys.join("&")), Err(ApiAuthError::Duplicate("0".into())));
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+
+    /// A signature over `filter_by_prefix=presence-&info=user_count` must not verify the query
+    /// that carries the same bytes percent-encoded inside one value.
+    #[test]
+    fn encoded_separators_cannot_reuse_a_signature() {
+        let ts = 1_353_088_179u64;
+        let signed = format!("auth_key=k&auth_timestamp={ts}&auth_version=1.0&filter_by_prefix=presence-&info=user_count");
+        let sig = sign("s", &format!("GET\n/apps/3/channels\n{signed}"));
+        let honest = format!("{signed}&auth_signature={sig}");
+        let req = SignedRequest { method: "GET", path: "/apps/3/channels", query: &honest, body: b"" };
+        assert_eq!(verify_api_request("k", "s", &req, ts, 600), Ok(()));
+        let forged = format!(
+            "auth_key=k&auth_timestamp={ts}&auth_version=1.0&filter_by_prefix=presence-%26info%3Duser_count&auth_signature={sig}"
+        );
+        let req = SignedRequest { query: &forged, ..req };
+        assert_eq!(
+            verify_api_request("k", "s", &req, ts, 600),
+            Err(ApiAuthError::Ambiguous("filter_by_prefix".into()))
+        );
+        // Keys too: `a%3Db=c` decodes to the key `a=b`.
+        assert!(matches!(query_params("a%3Db=c"), Err(ApiAuthError::Ambiguous(_))));
+        assert!(matches!(query_params("a=b%26c"), Err(ApiAuthError::Ambiguous(_))));
+        // Other encoded characters are fine (`%2C`, spaces).
+        assert!(query_params("channels=a%2Cb&x=y+z").is_ok());
     }
 }

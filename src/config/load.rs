@@ -319,40 +319,67 @@ fn mask(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
-                if k == "secret" || k == "headers" || k.ends_with("password") {
+                if k == "secret" || k == "headers" || k.ends_with("password") || k.ends_with("token") {
                     *val = Value::String("********".into());
-                } else if k == "url" || k == "servers" {
-                    mask_urls(val);
                 } else {
                     mask(val);
                 }
             }
         }
         Value::Array(items) => items.iter_mut().for_each(mask),
+        // Any URL, whatever its key (`url`, `servers`, OTLP endpoints, webhook URLs, ...): a key
+        // list would miss the next one added.
+        Value::String(s) if s.contains("://") => *s = mask_url_password(s),
         _ => {}
     }
 }
 
-fn mask_urls(v: &mut Value) {
-    match v {
-        Value::String(s) => *s = mask_url_password(s),
-        Value::Array(items) => items.iter_mut().for_each(mask_urls),
-        _ => {}
-    }
-}
-
-/// `redis://user:pass@host` → `redis://user:****@host`.
+/// A URL with its credentials and query values masked, for logs and `--check-config`:
+/// `redis://u:p@h` → `redis://u:****@h`, `nats://TOKEN@h` → `nats://****@h`,
+/// `https://h/x?token=t` → `https://h/x?token=****`. A password may contain `@`: the userinfo
+/// ends at the last `@` before the query.
 pub fn mask_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else { return url.to_owned() };
-    let creds = &rest[..at];
-    let user = creds.split(':').next().unwrap_or("");
-    if creds.contains(':') {
-        format!("{}://{user}:****@{}", &url[..scheme_end], &rest[at + 1..])
-    } else {
-        url.to_owned()
+    let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
+    let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (before_query, tail) = rest.split_at(query_at);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    out.push_str("://");
+    match before_query.rfind('@') {
+        Some(at) => {
+            match before_query[..at].split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":****");
+                }
+                // A lone userinfo is a token (`nats://TOKEN@host`).
+                None => out.push_str("****"),
+            }
+            out.push_str(&before_query[at..]);
+        }
+        None => out.push_str(before_query),
     }
+    match tail.strip_prefix('?') {
+        Some(query) => {
+            let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+            out.push('?');
+            let masked: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) => format!("{k}=****"),
+                    None => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&masked.join("&"));
+            if let Some(f) = fragment {
+                out.push('#');
+                out.push_str(f);
+            }
+        }
+        None => out.push_str(tail),
+    }
+    out
 }
 
 #[cfg(test)]
@@ -380,9 +407,38 @@ mod tests {
 
     #[test]
     fn masks() {
-        assert_eq!(mask_url_password("redis://u:p@h:1/0"), "redis://u:****@h:1/0");
-        assert_eq!(mask_url_password("redis://h:1"), "redis://h:1");
-        let c = load(None, &HashMap::new()).unwrap();
-        assert!(!mask_secrets(&c).to_string().contains("app-secret"));
+        // Every form a secret takes in a URL, one row each.
+        let table = [
+            ("redis://u:p@h:1/0", "redis://u:****@h:1/0"),
+            ("redis://h:1", "redis://h:1"),
+            ("redis://:onlypass@h:1", "redis://:****@h:1"),
+            ("rediss://default:p%40ss@managed.example:6380", "rediss://default:****@managed.example:6380"),
+            ("postgres://app:p@ss@word@db:5432/x", "postgres://app:****@db:5432/x"),
+            ("nats://s3cr3tT0ken@127.0.0.1:4222", "nats://****@127.0.0.1:4222"),
+            ("nats://user:pw@127.0.0.1:4222", "nats://user:****@127.0.0.1:4222"),
+            ("https://otel:hunter2@collector:4318", "https://otel:****@collector:4318"),
+            ("https://hooks.example/h?token=abc&sig=def", "https://hooks.example/h?token=****&sig=****"),
+            ("https://u:p@hooks.example/h?token=abc#frag", "https://u:****@hooks.example/h?token=****#frag"),
+            ("mysql://root@db/test?password=x", "mysql://****@db/test?password=****"),
+            ("not a url", "not a url"),
+        ];
+        for (url, shown) in table {
+            assert_eq!(mask_url_password(url), shown, "{url}");
+        }
+        let mut c = load(None, &HashMap::new()).unwrap();
+        c.otel.endpoint = "https://otel:hunter2@collector:4318".into();
+        c.otel.traces_endpoint = "https://collector:4318/v1/traces?api_key=k3y".into();
+        c.adapter.nats.servers = vec!["nats://n4tst0ken@127.0.0.1:4222".into()];
+        c.adapter.redis.url = "rediss://default:p@ss@redis.example:6380".into();
+        c.app_manager.array.apps[0].webhooks = vec![crate::config::WebhookConfig {
+            url: "https://hooks.example/in?token=wh00k".into(),
+            event_types: vec![],
+            headers: [("Authorization".to_owned(), "Bearer b34rer".to_owned())].into(),
+        }];
+        let shown = mask_secrets(&c).to_string();
+        for secret in ["app-secret", "hunter2", "k3y", "n4tst0ken", "p@ss", "ss@redis", "wh00k", "b34rer"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("redis.example:6380") && shown.contains("hooks.example/in?token=****"), "{shown}");
     }
 }

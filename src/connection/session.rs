@@ -402,8 +402,12 @@ impl Session<'_> {
                         }
                     }
                 }
-                let name: Arc<str> = Arc::from(channel.as_str());
-                self.subs.insert(name, Subscription { channel, user_id });
+                // A repeated subscribe changes nothing: the socket keeps the identity it joined
+                // with (a second, validly signed `channel_data` must not swap its `user_id`).
+                if !self.subs.contains_key(channel.as_str()) {
+                    let name: Arc<str> = Arc::from(channel.as_str());
+                    self.subs.insert(name, Subscription { channel, user_id });
+                }
             }
             Err(SubscribeError::PresenceFull(max)) => self.subscription_error(
                 &channel,

@@ -455,6 +455,31 @@ const CASES: &[SigningCase] = &[
         status: 405,
         error: "",
     },
+    // --- A signature reused for another query (percent-encoded separators) ---------------------
+    SigningCase {
+        name: "encoded_ampersand_replays_another_querys_signature",
+        build: |ts| {
+            let ts = ts.to_string();
+            let base = [("auth_key", KEY), ("auth_timestamp", ts.as_str()), ("auth_version", "1.0")];
+            // Signed: `filter_by_prefix=presence-&info=user_count` ...
+            let mut signed = base.to_vec();
+            signed.extend([("filter_by_prefix", "presence-"), ("info", "user_count")]);
+            let sig = signature(SECRET, "GET", CHANNELS, &signed);
+            // ... sent as one value that decodes to the same joined string.
+            let q = format!(
+                "auth_key={KEY}&auth_timestamp={ts}&auth_version=1.0&filter_by_prefix=presence-%26info%3Duser_count&auth_signature={sig}"
+            );
+            Req { method: "GET", target: format!("{CHANNELS}?{q}"), body: None }
+        },
+        status: 401,
+        error: "contains an encoded",
+    },
+    SigningCase {
+        name: "encoded_equals_in_a_key",
+        build: |ts| channels_with(&[("auth_key", KEY), ("auth_timestamp", &ts.to_string()), ("a=b", "c")]),
+        status: 401,
+        error: "contains an encoded",
+    },
     // --- Unsigned requests to every endpoint --------------------------------------------------------
     SigningCase {
         name: "unsigned_events",

@@ -11,6 +11,7 @@ mod cluster;
 mod config;
 mod fuzz_regressions;
 mod hostile;
+mod isolation;
 mod metrics;
 mod overload;
 mod protocol;
