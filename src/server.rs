@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -28,10 +28,25 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
+/// `GET /app`, `/app/` or `/app/{key}/...`: a WebSocket gets 4005; any other request the API's
+/// JSON 404.
+async fn bad_app_path(
+    ws: Result<axum::extract::ws::WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+) -> Response {
+    match ws {
+        Ok(ws) => connection::bad_path(ws, state),
+        Err(_) => api::not_found(axum::extract::State(state)).await,
+    }
+}
+
 /// The HTTP + WebSocket routes.
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/app/{key}", get(connection::upgrade))
+        .route("/app", get(bad_app_path))
+        .route("/app/", get(bad_app_path))
+        .route("/app/{key}/{*rest}", get(bad_app_path))
         .route("/apps/{app_id}/events", post(api::events))
         .route("/apps/{app_id}/batch_events", post(api::batch_events))
         .route("/apps/{app_id}/channels", get(api::channels))

@@ -420,6 +420,10 @@ mod tests {
         let ok = AppConfig { id: "a-1".into(), key: "k".into(), secret: "s".into(), ..AppConfig::default() };
         assert!(check(&ok).is_ok());
         assert!(check(&AppConfig { id: "a b".into(), ..ok.clone() }).unwrap_err().starts_with("id:"));
+        let huge = AppConfig { user_authentication_timeout: u64::MAX, ..ok.clone() };
+        assert!(check(&huge).unwrap_err().contains("user_authentication_timeout"));
+        let huge = AppConfig { max_event_payload_in_kb: usize::MAX, ..ok.clone() };
+        assert!(check(&huge).unwrap_err().contains("max_event_payload_in_kb"));
         let zero = AppConfig { max_event_batch_size: 0, ..ok };
         assert!(check(&zero).unwrap_err().contains("max_event_batch_size"));
     }

@@ -232,7 +232,8 @@ mod tests {
     #[test]
     fn encoded_separators_cannot_reuse_a_signature() {
         let ts = 1_353_088_179u64;
-        let signed = format!("auth_key=k&auth_timestamp={ts}&auth_version=1.0&filter_by_prefix=presence-&info=user_count");
+        let signed =
+            format!("auth_key=k&auth_timestamp={ts}&auth_version=1.0&filter_by_prefix=presence-&info=user_count");
         let sig = sign("s", &format!("GET\n/apps/3/channels\n{signed}"));
         let honest = format!("{signed}&auth_signature={sig}");
         let req = SignedRequest { method: "GET", path: "/apps/3/channels", query: &honest, body: b"" };

@@ -182,6 +182,7 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    check_ranges(c)?;
     if c.activity_timeout == 0 {
         return Err(ConfigError::new("activity_timeout", "must be at least 1 second"));
     }
@@ -238,6 +239,49 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         "postgres" | "mysql" => validate_sql(&m.driver, &m.sql),
         other => Err(ConfigError::new("app_manager.driver", format!("{other:?} is not config, postgres or mysql"))),
     }
+}
+
+/// Upper bounds of every duration, size and count of the file and the environment: each must
+/// stay far from overflowing when it becomes a deadline, a byte count or a millisecond value.
+fn check_ranges(c: &Config) -> Result<(), ConfigError> {
+    use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
+    let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
+    let table: [(&str, u64, u64); 24] = [
+        ("activity_timeout", c.activity_timeout, MAX_SECONDS),
+        ("pong_timeout", c.pong_timeout, MAX_SECONDS),
+        ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
+        ("subscription_count_debounce_ms", c.subscription_count_debounce_ms, MAX_MILLIS),
+        ("max_memory_mb", c.max_memory_mb, MAX_MB),
+        ("cache.ttl_seconds", c.cache.ttl_seconds, MAX_SECONDS),
+        ("websocket.max_message_size_kb", ws.max_message_size_kb as u64, MAX_KB),
+        ("websocket.hard_max_message_size_kb", ws.hard_max_message_size_kb as u64, MAX_KB),
+        ("websocket.max_queue_kb", ws.max_queue_kb as u64, MAX_KB),
+        ("websocket.read_buffer_size", ws.read_buffer_size as u64, MAX_KB * 1024),
+        ("websocket.write_buffer_size", ws.write_buffer_size as u64, MAX_KB * 1024),
+        ("websocket.write_timeout_seconds", ws.write_timeout_seconds, MAX_SECONDS),
+        ("http_api.max_body_kb", api.max_body_kb as u64, MAX_KB),
+        ("http_api.timestamp_tolerance_seconds", api.timestamp_tolerance_seconds, MAX_SECONDS),
+        ("http_api.header_read_timeout_seconds", api.header_read_timeout_seconds, MAX_SECONDS),
+        ("adapter.request_timeout_ms", a.request_timeout_ms, MAX_MILLIS),
+        ("adapter.node_timeout_ms", a.node_timeout_ms, MAX_MILLIS),
+        ("webhooks.batch_ms", w.batch_ms, MAX_MILLIS),
+        ("webhooks.queue_size", w.queue_size as u64, MAX_COUNT),
+        ("webhooks.workers", w.workers as u64, 10_000),
+        ("webhooks.timeout_ms", w.timeout_ms, MAX_MILLIS),
+        ("webhooks.max_retry_seconds", w.max_retry_seconds, MAX_SECONDS),
+        ("otel.metric_export_interval_ms", o.metric_export_interval_ms, MAX_MILLIS),
+        ("otel.export_timeout_ms", o.export_timeout_ms, MAX_MILLIS),
+    ];
+    let sql_table = [
+        ("app_manager.sql.cache_ttl_seconds", sql.cache_ttl_seconds, MAX_SECONDS),
+        ("app_manager.sql.connect_timeout_ms", sql.connect_timeout_ms, MAX_MILLIS),
+    ];
+    for (key, value, max) in table.into_iter().chain(sql_table) {
+        if value > max {
+            return Err(ConfigError::new(key, format!("{value} is above the maximum of {max}")));
+        }
+    }
+    Ok(())
 }
 
 /// `app_manager.sql` for the `postgres` and `mysql` drivers (`array` is then ignored).

@@ -423,6 +423,18 @@ impl Default for AppConfig {
     }
 }
 
+/// The largest duration in seconds any setting takes (a year): far past any sane value, and far
+/// from overflowing an `Instant` or a millisecond count.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+/// The largest duration in milliseconds any setting takes (a year).
+pub const MAX_MILLIS: u64 = MAX_SECONDS * 1000;
+/// The largest size in KiB any setting takes (1 TiB), so that `* 1024` cannot overflow.
+pub const MAX_KB: u64 = 1 << 30;
+/// The largest size in MiB any setting takes (1 PiB).
+pub const MAX_MB: u64 = 1 << 30;
+/// The largest count or length any setting takes.
+pub const MAX_COUNT: u64 = 100_000_000;
+
 impl AppConfig {
     /// Checks what types alone cannot, for apps from the file and from a database alike: the
     /// id's form and limits above 0. The error names the field.
@@ -432,6 +444,23 @@ impl AppConfig {
             || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(("id", "must be 1-64 characters of [A-Za-z0-9_-]".into()));
+        }
+        // Upper bounds too: a value that overflows when turned into bytes or a deadline (a
+        // `u64::MAX` timeout panicked every session) is refused here, for files and rows alike.
+        let within = |value: u64, max: u64| value <= max;
+        for (field, value, max) in [
+            ("user_authentication_timeout", self.user_authentication_timeout, MAX_SECONDS),
+            ("max_event_payload_in_kb", self.max_event_payload_in_kb as u64, MAX_KB),
+            ("max_presence_member_size_in_kb", self.max_presence_member_size_in_kb as u64, MAX_KB),
+            ("max_channel_name_length", self.max_channel_name_length as u64, MAX_COUNT),
+            ("max_event_name_length", self.max_event_name_length as u64, MAX_COUNT),
+            ("max_event_channels_at_once", self.max_event_channels_at_once as u64, MAX_COUNT),
+            ("max_event_batch_size", self.max_event_batch_size as u64, MAX_COUNT),
+            ("max_presence_members_per_channel", self.max_presence_members_per_channel as u64, MAX_COUNT),
+        ] {
+            if !within(value, max) {
+                return Err((field, format!("{value} is above the maximum of {max}")));
+            }
         }
         for (field, value) in [
             ("max_channel_name_length", self.max_channel_name_length),

@@ -2,6 +2,10 @@
 //! same code, so clients stop retrying a wrong key), and the session loop that reads client
 //! frames, writes the outbox and keeps the activity timer.
 
+mod fault;
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub use fault::panic_on_subscribe;
 mod session;
 
 use std::sync::Arc;
@@ -56,6 +60,15 @@ pub async fn upgrade(
         .on_upgrade(move |socket| accept(socket, state, key, query, origin))
 }
 
+/// A WebSocket to a path that is not `/app/{key}`: upgraded and refused with 4005, as Pusher
+/// does, so that the client learns why instead of seeing a failed handshake.
+pub fn bad_path(ws: WebSocketUpgrade, state: Arc<State>) -> Response {
+    ws.on_upgrade(move |socket| async move {
+        let _task = state.sockets.token();
+        refuse(socket, &state, None, ProtocolError::PathNotFound).await
+    })
+}
+
 /// The `protocol` query parameter, checked.
 fn protocol_version(query: Option<&str>) -> Result<u8, ProtocolError> {
     let value = form_urlencoded::parse(query.unwrap_or("").as_bytes())
@@ -89,16 +102,44 @@ async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<Str
     if state.shutdown.is_triggered() {
         return refuse(ws, &state, Some(&app), ProtocolError::ShuttingDown).await;
     }
-    if state.over_memory() || !state.try_acquire_connection() {
+    let Some(_node_slot) = NodeSlot::acquire(&state).filter(|_| !state.over_memory()) else {
         return refuse(ws, &state, Some(&app), ProtocolError::OverCapacity).await;
-    }
-    if !app.try_acquire_connection() {
-        state.release_connection();
+    };
+    let Some(_app_slot) = AppSlot::acquire(&app) else {
         return refuse(ws, &state, Some(&app), ProtocolError::OverQuota).await;
-    }
+    };
     session::run(ws, &state, &app).await;
-    app.release_connection();
-    state.release_connection();
+}
+
+/// A node connection slot under `max_connections`, released on drop, so that no way out of a
+/// connection task (a panic included) can leak one.
+struct NodeSlot<'a>(&'a State);
+
+impl<'a> NodeSlot<'a> {
+    fn acquire(state: &'a State) -> Option<Self> {
+        state.try_acquire_connection().then_some(Self(state))
+    }
+}
+
+impl Drop for NodeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.release_connection();
+    }
+}
+
+/// An app connection slot under the app's `max_connections`, released on drop.
+struct AppSlot<'a>(&'a App);
+
+impl<'a> AppSlot<'a> {
+    fn acquire(app: &'a App) -> Option<Self> {
+        app.try_acquire_connection().then_some(Self(app))
+    }
+}
+
+impl Drop for AppSlot<'_> {
+    fn drop(&mut self) {
+        self.0.release_connection();
+    }
 }
 
 /// Sends the error frame and a close with the same code, within a short deadline.

@@ -72,9 +72,11 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
         subs: HashMap::new(),
         limiter: (rate > 0).then(|| TokenBucket::per_second(rate)),
         signin_deadline: (app.settings.enable_user_authentication && app.settings.user_authentication_timeout > 0)
-            .then(|| Instant::now() + Duration::from_secs(app.settings.user_authentication_timeout)),
+            .then(|| after(Instant::now(), Duration::from_secs(app.settings.user_authentication_timeout))),
     };
-    state.metrics.connection_opened(&app.attrs);
+    // Released by drop, however the task ends (a panic included): the `connected` gauge here,
+    // the channels, presence membership and user registry by `Session`'s own `Drop`.
+    let _open = Opened::new(state, app);
     tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection opened");
     handle.reply(server::connection_established(&handle.id, cfg.activity_timeout));
     let end = session.event_loop(&mut ws).await;
@@ -96,7 +98,6 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
             }
         });
     }
-    state.metrics.connection_closed(&app.attrs);
     match end {
         End::Gone => tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection closed by the client"),
         End::Closed(code) => {
@@ -105,6 +106,33 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
         End::Stalled => {
             tracing::debug!(app_id = %app.id, socket_id = %handle.id, code = ProtocolError::SlowConsumer.code(), "connection closed by the server")
         }
+    }
+}
+
+/// The `connected` gauge's share of one connection: counted on creation, uncounted on drop.
+struct Opened<'a> {
+    state: &'a State,
+    app: &'a App,
+}
+
+impl<'a> Opened<'a> {
+    fn new(state: &'a State, app: &'a App) -> Self {
+        state.metrics.connection_opened(&app.attrs);
+        Self { state, app }
+    }
+}
+
+impl Drop for Opened<'_> {
+    fn drop(&mut self) {
+        self.state.metrics.connection_closed(&self.app.attrs);
+    }
+}
+
+impl Drop for Session<'_> {
+    /// Whatever the task did not release itself (it panicked) is released here; after a normal
+    /// end `cleanup` has run already and this finds nothing left.
+    fn drop(&mut self) {
+        self.cleanup();
     }
 }
 
@@ -160,14 +188,14 @@ impl Session<'_> {
                 () = &mut timer => {
                     let now = Instant::now();
                     match ping_sent {
-                        Some(sent) if now >= sent + pong_timeout => self.close_with(ProtocolError::PongTimeout),
-                        Some(sent) => timer.as_mut().reset(sent + pong_timeout),
-                        None if now >= last_seen + activity => {
+                        Some(sent) if now >= after(sent, pong_timeout) => self.close_with(ProtocolError::PongTimeout),
+                        Some(sent) => timer.as_mut().reset(after(sent, pong_timeout)),
+                        None if now >= after(last_seen, activity) => {
                             self.handle.reply(server::ping());
                             ping_sent = Some(now);
-                            timer.as_mut().reset(now + pong_timeout);
+                            timer.as_mut().reset(after(now, pong_timeout));
                         }
-                        None => timer.as_mut().reset(last_seen + activity),
+                        None => timer.as_mut().reset(after(last_seen, activity)),
                     }
                 }
                 () = sleep_until_opt(signin_deadline) => {
@@ -389,8 +417,17 @@ impl Session<'_> {
             }
         };
         let user_id = member.as_ref().map(|m| Arc::<str>::from(m.user_id.as_str()));
+        // Recorded before the adapter takes it, so that `cleanup` (run by drop, even after a
+        // panic) finds every subscription the channels hold. A repeated subscribe changes
+        // nothing: the socket keeps the identity it joined with.
+        let fresh = !self.subs.contains_key(channel.as_str());
+        if fresh {
+            let name: Arc<str> = Arc::from(channel.as_str());
+            self.subs.insert(name, Subscription { channel: channel.clone(), user_id });
+        }
         match self.adapter.subscribe(self.app, &channel, &self.handle, member) {
             Ok(out) => {
+                super::fault::maybe_panic(channel.as_str());
                 self.handle.reply(server::subscription_succeeded(channel.as_str(), &out.succeeded_data));
                 if channel.is_cache() && !out.already {
                     match self.chans.cached(channel.as_str()) {
@@ -402,19 +439,18 @@ impl Session<'_> {
                         }
                     }
                 }
-                // A repeated subscribe changes nothing: the socket keeps the identity it joined
-                // with (a second, validly signed `channel_data` must not swap its `user_id`).
-                if !self.subs.contains_key(channel.as_str()) {
-                    let name: Arc<str> = Arc::from(channel.as_str());
-                    self.subs.insert(name, Subscription { channel, user_id });
-                }
             }
-            Err(SubscribeError::PresenceFull(max)) => self.subscription_error(
-                &channel,
-                "LimitReached",
-                &format!("presence channel is full ({max} members)"),
-                403,
-            ),
+            Err(SubscribeError::PresenceFull(max)) => {
+                if fresh {
+                    self.subs.remove(channel.as_str());
+                }
+                self.subscription_error(
+                    &channel,
+                    "LimitReached",
+                    &format!("presence channel is full ({max} members)"),
+                    403,
+                )
+            }
         }
     }
 
@@ -485,6 +521,12 @@ impl Session<'_> {
         // Frames still queued are dropped with the handle; make sure nobody queues more.
         self.handle.outbox.close(CloseReason::Code(CloseCode::NORMAL, String::new()));
     }
+}
+
+/// `at + d`, saturating: a deadline too far to represent is "never" (a day past is as good),
+/// never a panic.
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).or_else(|| at.checked_add(Duration::from_secs(86_400 * 365))).unwrap_or(at)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

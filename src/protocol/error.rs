@@ -13,6 +13,8 @@ pub enum ProtocolError {
     AppDisabled,
     /// 4004: the app is at its connection quota.
     OverQuota,
+    /// 4005: a WebSocket to a path that is not `/app/{key}` (Pusher's "path not found").
+    PathNotFound,
     /// 4006: the `protocol` query parameter is not a number.
     InvalidVersionFormat,
     /// 4007: a protocol version this server does not speak.
@@ -53,6 +55,7 @@ impl ProtocolError {
             Self::AppNotFound => 4001,
             Self::AppDisabled => 4003,
             Self::OverQuota => 4004,
+            Self::PathNotFound => 4005,
             Self::InvalidVersionFormat => 4006,
             Self::UnsupportedProtocol => 4007,
             Self::NoProtocolVersion => 4008,
@@ -75,6 +78,7 @@ impl ProtocolError {
             Self::AppNotFound
             | Self::AppDisabled
             | Self::OverQuota
+            | Self::PathNotFound
             | Self::InvalidVersionFormat
             | Self::UnsupportedProtocol
             | Self::NoProtocolVersion
@@ -104,7 +108,8 @@ impl ProtocolError {
             Self::SlowConsumer => Some("slow_consumer"),
             Self::PongTimeout => Some("pong_timeout"),
             Self::Unauthorized => Some("auth_timeout"),
-            Self::InvalidVersionFormat
+            Self::PathNotFound
+            | Self::InvalidVersionFormat
             | Self::UnsupportedProtocol
             | Self::NoProtocolVersion
             | Self::InvalidMessage(_) => Some("invalid_message"),
@@ -125,6 +130,7 @@ impl fmt::Display for ProtocolError {
             Self::AppDisabled => f.write_str("Application disabled"),
             Self::OverQuota => f.write_str("Application is over connection quota"),
             Self::OriginNotAllowed => f.write_str("Origin not allowed for this app"),
+            Self::PathNotFound => f.write_str("Path not found"),
             Self::InvalidVersionFormat => f.write_str("Invalid version string format"),
             Self::UnsupportedProtocol => f.write_str("Unsupported protocol version"),
             Self::NoProtocolVersion => f.write_str("No protocol version supplied"),

@@ -79,6 +79,20 @@ fn bad_values_exit_64_naming_the_key() {
             "colour",
         ),
         (vec![], Some(r#"{"port": ${UNSET_VAR_XYZ}}"#), "UNSET_VAR_XYZ"),
+        // Values that fit their type but overflow as a deadline or a byte count (a u64::MAX
+        // sign-in timeout panicked every session and leaked its slot).
+        (
+            vec![],
+            Some(
+                r#"{"app_manager":{"array":{"apps":[{"id":"a","key":"k","secret":"s","enable_user_authentication":true,"user_authentication_timeout":18446744073709551615}]}}}"#,
+            ),
+            "apps[0].user_authentication_timeout",
+        ),
+        (vec![], Some(r#"{"activity_timeout": 18446744073709551615}"#), "activity_timeout"),
+        (vec![("ACTIVITY_TIMEOUT", "18446744073709551615")], None, "activity_timeout"),
+        (vec![], Some(r#"{"websocket": {"max_queue_kb": 18446744073709551615}}"#), "websocket.max_queue_kb"),
+        (vec![], Some(r#"{"webhooks": {"timeout_ms": 18446744073709551615}}"#), "webhooks.timeout_ms"),
+        (vec![], Some(r#"{"cache": {"ttl_seconds": 18446744073709551615}}"#), "cache.ttl_seconds"),
     ];
     for (i, (env, file, needle)) in cases.into_iter().enumerate() {
         let mut args: Vec<String> = vec![];

@@ -23,9 +23,7 @@ async fn a_second_subscribe_does_not_change_who_a_socket_is() {
     let mut ids: Vec<String> = serde_json::from_value(presence["ids"].clone()).unwrap();
     ids.sort();
     assert_eq!(ids, ["alice", "watcher"], "{again}");
-    alice
-        .send(json!({"event": "client-hello", "channel": "presence-room", "data": {"n": 1}}))
-        .await;
+    alice.send(json!({"event": "client-hello", "channel": "presence-room", "data": {"n": 1}})).await;
     let got = watcher.expect_for("client-hello", "presence-room").await;
     assert_eq!(got["user_id"], "alice", "the client event carries the socket's first identity: {got}");
     let (_, users) = server.api("GET", "/channels/presence-room/users", &[], None).await;
@@ -40,5 +38,69 @@ async fn a_second_subscribe_does_not_change_who_a_socket_is() {
     server.publish("private-x", "marker", "2").await;
     assert_eq!(alice.expect_for("once", "private-x").await["event"], "once");
     assert_eq!(alice.next().await["event"], "marker");
+    server.stop().await;
+}
+
+/// A WebSocket to a path below `/app/{key}` (or to `/app/` itself) is refused with Pusher's 4005
+/// (an error frame, then a close with that code), as the README says; plain HTTP there gets the
+/// API's JSON 404.
+#[tokio::test]
+async fn a_bad_path_is_refused_with_4005() {
+    let server = TestServer::start().await;
+    for path in [format!("/app/{KEY}/extra?protocol=7"), "/app/?protocol=7".into(), format!("/app/{KEY}/a/b")] {
+        let url = format!("ws://127.0.0.1:{}{path}", server.port);
+        let mut ws = Client::open(&url).await;
+        let frame = next_json(&mut ws).await;
+        assert_eq!(frame["event"], "pusher:error", "{path}: {frame}");
+        assert_eq!(data(&frame)["code"], 4005, "{path}: {frame}");
+        let mut c = Client { ws, socket_id: String::new() };
+        assert_eq!(c.closed().await, Closed::Code(4005), "{path}");
+    }
+    let (status, body) = server.raw_request("GET", &format!("/app/{KEY}/extra"), None).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not found")));
+    server.stop().await;
+}
+
+/// A connection task that panics (fault injected in debug builds, right after its presence
+/// subscription took effect) leaks nothing: node and app slots, the `connected` gauge, the
+/// subscription and the presence member all return to their baseline, so a node with
+/// `max_connections: 2` keeps accepting after three panicked connections.
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_panicking_connection_task_releases_everything() {
+    const CHANNEL: &str = "presence-fault-injected-panic";
+    sockudo::connection::panic_on_subscribe(CHANNEL);
+    let server = TestServer::start_with(|c| c.max_connections = 2).await;
+    let http = reqwest::Client::new();
+    let stats = |http: reqwest::Client, port: u16| async move {
+        let r = http.get(format!("http://127.0.0.1:{port}/stats")).send().await.unwrap();
+        r.json::<serde_json::Value>().await.unwrap()
+    };
+    let connected = || server.metric("sockudo_connected", &[("app_id", APP_ID)]);
+    let baseline = connected().await.unwrap_or(0.0);
+    for _ in 0..3 {
+        let mut c = server.client().await;
+        let data = json!({"user_id": "ghost", "user_info": {}}).to_string();
+        let auth = c.auth(SECRET, CHANNEL, Some(&data));
+        c.send(json!({"event": "pusher:subscribe", "data": {"channel": CHANNEL, "auth": auth, "channel_data": data}}))
+            .await;
+        // The task died: the socket ends without a subscription_succeeded.
+        assert_eq!(c.closed().await, Closed::NoFrame);
+    }
+    let released = eventually(WAIT, || async {
+        let s = stats(http.clone(), server.metrics_port).await;
+        s["connections"] == 0 && s["channels"] == 0 && s["presence_members"] == 0
+    })
+    .await;
+    assert!(released, "{}", stats(http.clone(), server.metrics_port).await);
+    assert_eq!(connected().await.unwrap_or(0.0), baseline, "the connected gauge is back at its baseline");
+    let (_, users) = server.api("GET", &format!("/channels/{CHANNEL}/users"), &[], None).await;
+    assert_eq!(users["users"], json!([]), "the presence member left with the task");
+    // Slots were released: two sockets still fit under max_connections = 2.
+    let mut a = server.client().await;
+    let b = server.client().await;
+    a.subscribe("after-the-panics").await;
+    b.close().await;
+    a.close().await;
     server.stop().await;
 }
