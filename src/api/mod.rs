@@ -22,6 +22,7 @@ use crate::channels::ChannelInfo;
 use crate::protocol::rest::{self, PublishEvent};
 use crate::protocol::{ChannelKind, ChannelName};
 use crate::state::State;
+use crate::telemetry::logs::Sparse;
 
 type S = AxumState<Arc<State>>;
 
@@ -46,12 +47,17 @@ fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
     let (status, body) = match outcome.result {
         Ok(v) => (StatusCode::OK, v.to_string()),
         Err(e) => {
+            // Anyone can send unsigned requests: a line a second at most (counted exactly).
+            static LOG: Sparse = Sparse::new();
             if e.status() == StatusCode::UNAUTHORIZED {
-                tracing::info!(
-                    app_id = outcome.app.as_ref().map(|a| a.id.as_str()).unwrap_or("unknown"),
-                    reason = %e,
-                    "api authentication failed"
-                );
+                if let Some(suppressed) = LOG.admit() {
+                    tracing::info!(
+                        app_id = outcome.app.as_ref().map(|a| a.id.as_str()).unwrap_or("unknown"),
+                        reason = %e,
+                        suppressed,
+                        "api authentication failed"
+                    );
+                }
             }
             (e.status(), json!({ "error": e.to_string() }).to_string())
         }

@@ -19,6 +19,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::telemetry::logs::Sparse;
 use crate::telemetry::Limiter;
 use futures_util::SinkExt;
 
@@ -42,7 +43,10 @@ pub async fn upgrade(
         let attrs = app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
         state.metrics.rate_limit(attrs, Limiter::WebsocketConnect, !decision.allowed);
         if !decision.allowed {
-            tracing::info!(ip = %addr.ip(), "connection refused: connection rate limit");
+            static LOG: Sparse = Sparse::new();
+            if let Some(suppressed) = LOG.admit() {
+                tracing::info!(ip = %addr.ip(), suppressed, "connection refused: connection rate limit");
+            }
             let mut r = (StatusCode::TOO_MANY_REQUESTS, "connection rate limit exceeded").into_response();
             r.headers_mut().insert(header::RETRY_AFTER, decision.reset_after.into());
             return r;
@@ -148,7 +152,11 @@ async fn refuse(mut ws: WebSocket, state: &State, app: Option<&App>, err: Protoc
     if let Some(error_type) = err.error_type() {
         state.metrics.connection_error(attrs, error_type);
     }
-    tracing::info!(app_id = app.map(|a| a.id.as_str()).unwrap_or("unknown"), code = err.code(), reason = %err, "connection refused");
+    // Unauthenticated clients cause these at will: a line a second at most (counted exactly).
+    static LOG: Sparse = Sparse::new();
+    if let Some(suppressed) = LOG.admit() {
+        tracing::info!(app_id = app.map(|a| a.id.as_str()).unwrap_or("unknown"), code = err.code(), reason = %err, suppressed, "connection refused");
+    }
     let frame = server::error(&err);
     let bytes = frame.len() as u64;
     let close = CloseFrame { code: err.code(), reason: Utf8Bytes::from(err.to_string()) };

@@ -23,6 +23,7 @@ use crate::protocol::{
 };
 use crate::rate_limit::TokenBucket;
 use crate::state::State;
+use crate::telemetry::logs::Sparse;
 use crate::telemetry::Limiter;
 
 /// Subscriptions one connection may hold; past it, subscribing is refused (4302).
@@ -394,12 +395,16 @@ impl Session<'_> {
                     data,
                     &auth,
                 ) {
-                    tracing::info!(
-                        app_id = %self.app.id,
-                        socket_id = %self.handle.id,
-                        channel_type = channel.channel_type().as_str(),
-                        "subscription authentication failed: invalid signature"
-                    );
+                    static LOG: Sparse = Sparse::new();
+                    if let Some(suppressed) = LOG.admit() {
+                        tracing::info!(
+                            app_id = %self.app.id,
+                            socket_id = %self.handle.id,
+                            channel_type = channel.channel_type().as_str(),
+                            suppressed,
+                            "subscription authentication failed: invalid signature"
+                        );
+                    }
                     return self.subscription_error(&channel, "AuthError", "Invalid signature", 401);
                 }
                 match data {
@@ -473,7 +478,10 @@ impl Session<'_> {
                 .refuse(ProtocolError::SubscriptionRejected("user authentication is disabled for this app".into()));
         }
         if !auth::verify_signin(&self.app.key, self.app.secret(), &self.handle.id, &data.user_data, &data.auth) {
-            tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, "signin authentication failed: invalid signature");
+            static LOG: Sparse = Sparse::new();
+            if let Some(suppressed) = LOG.admit() {
+                tracing::info!(app_id = %self.app.id, socket_id = %self.handle.id, suppressed, "signin authentication failed: invalid signature");
+            }
             return self.refuse(ProtocolError::SubscriptionRejected("sign-in authentication failed".into()));
         }
         let user_id: Arc<str> = Arc::from(data.user_id.as_str());

@@ -6,6 +6,7 @@
 //! broadcast's log lines can be found by the trace id of its request.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
@@ -154,5 +155,73 @@ where
             }
         }
         writeln!(writer, "{}", Value::Object(map))
+    }
+}
+
+/// A log line budget for lines that unauthenticated traffic can cause (refused connections,
+/// failed API and channel authentication): the first line, then at most one per second,
+/// carrying how many were left out since the last one. A flood then writes a line a second,
+/// not a disk-filling stream; the counters of those events stay exact. Lock-free and `const`
+/// constructible, so each call site keeps its own `static`.
+pub struct Sparse {
+    /// Milliseconds since `epoch()` at which the next line may be written.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+/// The interval between two lines of one [`Sparse`] budget.
+const SPARSE_INTERVAL_MS: u64 = 1000;
+
+impl Sparse {
+    pub const fn new() -> Self {
+        Self { next_ms: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be written now; otherwise
+    /// counts this one as left out.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(epoch().elapsed().as_millis() as u64)
+    }
+
+    fn admit_at(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now_ms + SPARSE_INTERVAL_MS, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::AcqRel));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for Sparse {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+#[cfg(test)]
+mod sparse_tests {
+    use super::Sparse;
+
+    #[test]
+    fn first_then_one_per_second_with_the_count() {
+        let s = Sparse::new();
+        assert_eq!(s.admit_at(5), Some(0));
+        for t in [6, 100, 1004] {
+            assert_eq!(s.admit_at(t), None, "{t}");
+        }
+        assert_eq!(s.admit_at(1005), Some(3), "the next line says three were left out");
+        assert_eq!(s.admit_at(1006), None);
+        assert_eq!(s.admit_at(10_000), Some(1));
     }
 }

@@ -104,3 +104,43 @@ async fn a_panicking_connection_task_releases_everything() {
     a.close().await;
     server.stop().await;
 }
+
+/// A flood of refused connections and unsigned API calls writes a line a second at most per
+/// kind (the first at once, later ones with the count they stand for), while the counters stay
+/// exact.
+#[tokio::test]
+async fn unauthenticated_floods_write_bounded_logs() {
+    let server = crate::support::process::Process::start(&[("LOG_LEVEL", "info".to_owned())]).await;
+    const N: usize = 200;
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    for _ in 0..N {
+        let mut c = Client {
+            ws: Client::open(&format!("ws://127.0.0.1:{}/app/no-such-key?protocol=7", server.port)).await,
+            socket_id: String::new(),
+        };
+        assert_eq!(c.closed().await, Closed::Code(4001));
+        let url = format!("http://127.0.0.1:{}/apps/{APP_ID}/channels", server.port);
+        assert_eq!(http.get(url).send().await.unwrap().status(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let text = http
+        .get(format!("http://127.0.0.1:{}/metrics", server.metrics_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&text, "sockudo_connection_errors_total", &[("app_id", "unknown"), ("error_type", "app_not_found")]),
+        Some(N as f64)
+    );
+    let lines = server.stop().await;
+    let refused = lines.iter().filter(|l| l.contains("connection refused")).count();
+    let api = lines.iter().filter(|l| l.contains("api authentication failed")).count();
+    let bound = seconds as usize + 1;
+    assert!((1..=bound).contains(&refused), "{refused} refusal lines in {seconds} s");
+    assert!((1..=bound).contains(&api), "{api} api lines in {seconds} s");
+    println!("{N} refused connections and {N} unsigned calls in {seconds} s: {refused} + {api} log lines");
+}
