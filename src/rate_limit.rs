@@ -7,17 +7,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// A token bucket refilled continuously at `rate` tokens per second, holding at most `rate`.
+/// A token bucket refilled continuously at `rate` tokens per second, holding at most its burst
+/// (`rate` unless set).
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
     tokens: f64,
+    cap: f64,
     last: Instant,
 }
 
 impl TokenBucket {
     pub fn per_second(rate: u32) -> Self {
-        Self { rate: f64::from(rate), tokens: f64::from(rate), last: Instant::now() }
+        Self::with_burst(rate, rate)
+    }
+
+    /// Refilled at `rate` per second, holding at most `burst` (full at first).
+    pub fn with_burst(rate: u32, burst: u32) -> Self {
+        Self { rate: f64::from(rate), tokens: f64::from(burst), cap: f64::from(burst.max(1)), last: Instant::now() }
     }
 
     /// Takes one token; false when the bucket is empty.
@@ -25,7 +32,7 @@ impl TokenBucket {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.cap);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

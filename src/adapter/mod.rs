@@ -37,6 +37,10 @@ use tracing::Instrument;
 /// How often a node announces itself.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// Channels with a debounced subscription count waiting, at most (each costs a task and, in a
+/// cluster, a query to every node).
+const MAX_PENDING_COUNTS: usize = 10_000;
+
 /// Node-local hub of channel state and fan-out, and this node's side of the cluster.
 pub struct Adapter {
     registry: Registry,
@@ -403,7 +407,9 @@ impl Adapter {
         let key = (app.id.clone(), Arc::<str>::from(channel.as_str()));
         {
             let mut pending = self.pending_counts.lock().unwrap_or_else(|p| p.into_inner());
-            if !pending.insert(key.clone()) {
+            // One query per channel per debounce window (coalesced here), and a bounded number of
+            // channels waiting: under churn past it, counts are skipped rather than queued.
+            if pending.len() >= MAX_PENDING_COUNTS || !pending.insert(key.clone()) {
                 return;
             }
         }

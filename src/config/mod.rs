@@ -189,6 +189,11 @@ pub struct WebSocketConfig {
     pub write_buffer_size: usize,
     /// A write to a socket that takes longer than this closes it as a slow consumer (4100).
     pub write_timeout_seconds: u64,
+    /// Subscribe and unsubscribe requests one socket may make per second, sustained, after a
+    /// burst of `MAX_SUBSCRIPTIONS_PER_CONNECTION` (a page subscribing to all its channels at
+    /// once); beyond it 4302. 0 turns the limit off. Each new channel costs a cluster-wide
+    /// count query, so churn is not free.
+    pub max_subscription_ops_per_second: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -533,6 +538,7 @@ impl Default for WebSocketConfig {
             read_buffer_size: 1024,
             write_buffer_size: 16 * 1024,
             write_timeout_seconds: 10,
+            max_subscription_ops_per_second: 50,
         }
     }
 }

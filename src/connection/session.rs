@@ -56,6 +56,8 @@ struct Session<'a> {
     limits: ParseLimits,
     subs: HashMap<Arc<str>, Subscription>,
     limiter: Option<TokenBucket>,
+    /// Subscribe/unsubscribe requests (`websocket.max_subscription_ops_per_second`).
+    sub_ops: Option<TokenBucket>,
     signin_deadline: Option<Instant>,
 }
 
@@ -72,6 +74,12 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
         limits: app.parse_limits(),
         subs: HashMap::new(),
         limiter: (rate > 0).then(|| TokenBucket::per_second(rate)),
+        sub_ops: (cfg.websocket.max_subscription_ops_per_second > 0).then(|| {
+            TokenBucket::with_burst(
+                cfg.websocket.max_subscription_ops_per_second,
+                MAX_SUBSCRIPTIONS_PER_CONNECTION as u32,
+            )
+        }),
         signin_deadline: (app.settings.enable_user_authentication && app.settings.user_authentication_timeout > 0)
             .then(|| after(Instant::now(), Duration::from_secs(app.settings.user_authentication_timeout))),
     };
@@ -341,6 +349,9 @@ impl Session<'_> {
                 self.handle.reply(server::pong());
             }
             Ok(ClientEvent::Pong) => {}
+            Ok(ClientEvent::Subscribe { .. } | ClientEvent::Unsubscribe { .. }) if !self.take_sub_op() => {
+                self.refuse(ProtocolError::SubscriptionRejected("too many subscribe/unsubscribe requests".into()))
+            }
             Ok(ClientEvent::Subscribe { channel, auth, channel_data }) => self.subscribe(channel, auth, channel_data),
             Ok(ClientEvent::Unsubscribe { channel }) => {
                 if self.subs.remove(channel.as_str()).is_some() {
@@ -350,6 +361,11 @@ impl Session<'_> {
             Ok(ClientEvent::Signin(data)) => self.signin(data),
             Ok(ClientEvent::Client { event, channel, data }) => self.client_event(event, channel, &data),
         }
+    }
+
+    /// Spends one subscribe/unsubscribe from the socket's budget; false when it is empty.
+    fn take_sub_op(&mut self) -> bool {
+        self.sub_ops.as_mut().is_none_or(TokenBucket::try_take)
     }
 
     fn subscription_error(&self, channel: &ChannelName, kind: &str, error: &str, status: u16) {

@@ -144,3 +144,41 @@ async fn unauthenticated_floods_write_bounded_logs() {
     assert!((1..=bound).contains(&api), "{api} api lines in {seconds} s");
     println!("{N} refused connections and {N} unsigned calls in {seconds} s: {refused} + {api} log lines");
 }
+
+/// Subscription churn is not free: past a burst of 1000, a socket may subscribe or unsubscribe
+/// `websocket.max_subscription_ops_per_second` times a second; beyond it each request gets
+/// 4302 and the socket stays open.
+#[tokio::test]
+async fn subscription_churn_is_rate_limited_per_socket() {
+    let server = TestServer::start_with(|c| c.websocket.max_subscription_ops_per_second = 5).await;
+    let mut c = server.client().await;
+    const PAIRS: usize = 700;
+    for i in 0..PAIRS {
+        let channel = format!("churn-{i}");
+        c.send(json!({"event": "pusher:subscribe", "data": {"channel": channel}})).await;
+        c.send(json!({"event": "pusher:unsubscribe", "data": {"channel": channel}})).await;
+    }
+    c.send(json!({"event": "pusher:ping", "data": {}})).await;
+    let (mut succeeded, mut refused) = (0, 0);
+    loop {
+        let v = c.next().await;
+        match v["event"].as_str() {
+            Some("pusher_internal:subscription_succeeded") => succeeded += 1,
+            Some("pusher:error") => {
+                assert_eq!(data(&v)["code"], 4302, "{v}");
+                refused += 1;
+            }
+            Some("pusher:pong") => break,
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    // 1400 operations: the burst of 1000 plus a few refilled pass, the rest are refused.
+    assert!((450..=560).contains(&succeeded), "{succeeded} subscribes passed");
+    assert!(refused >= 380, "{refused} refused");
+    // Another socket is not affected, and this one is still open.
+    let mut other = server.client().await;
+    other.subscribe("calm").await;
+    c.send(json!({"event": "pusher:ping", "data": {}})).await;
+    assert_eq!(c.next().await["event"], "pusher:pong");
+    server.stop().await;
+}
