@@ -209,6 +209,22 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         })
     });
 
+    // Apps from a database change at run time: the apps open sockets hold are read again about
+    // once per cache TTL, and a changed or removed app tells its sockets.
+    let refresher = state.apps.refresh_every().map(|every| {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => state.apps.refresh_in_use().await,
+                    _ = shutdown.wait() => break,
+                }
+            }
+        })
+    });
+
     let metrics_server = match listeners.metrics {
         Some(listener) if telemetry.prometheus_enabled() => {
             let router = metrics_router(telemetry.clone(), state.clone());
@@ -240,8 +256,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
-    if let Some(s) = sampler {
-        s.abort();
+    for task in [sampler, refresher].into_iter().flatten() {
+        task.abort();
     }
     // After the sockets: their unsubscriptions are the last events. Webhooks get what is left
     // of the grace period, and at least a second to flush.

@@ -100,7 +100,11 @@ impl AppCache {
         let previous = self.live.get(&settings.id).and_then(Weak::upgrade);
         let app = match previous {
             Some(old) if same_settings(&old.settings, &settings) => old,
-            Some(old) => Arc::new(App::with_connections(settings, metrics, old.connections.clone())),
+            Some(old) => {
+                let new = Arc::new(App::with_connections(settings, metrics, old.connections.clone()));
+                old.replace(super::Replaced::By(new.clone()));
+                new
+            }
             None => Arc::new(App::new(settings, metrics)),
         };
         if self.live.len() >= self.cap * 2 {
@@ -111,6 +115,16 @@ impl AppCache {
         self.insert(By::Id, app.id.clone(), Entry { app: Some(app.clone()), expires }, now);
         self.insert(By::Key, app.key.clone(), Entry { app: Some(app.clone()), expires }, now);
         app
+    }
+
+    /// The row of the app with this id is gone: its open sockets are told, and its entries
+    /// leave both indexes.
+    pub(super) fn remove(&mut self, id: &str) {
+        if let Some(old) = self.live.remove(id).and_then(|w| w.upgrade()) {
+            self.by_key.remove(&old.key);
+            old.replace(super::Replaced::Removed);
+        }
+        self.by_id.remove(id);
     }
 
     /// Caches "no such app" for `needle` until `now + ttl`.
@@ -146,6 +160,11 @@ impl AppCache {
         self.by_key.retain(|_, e| e.expires > now);
         self.by_id.retain(|_, e| e.expires > now);
         self.live.retain(|_, w| w.strong_count() > 0);
+    }
+
+    /// The apps that open connections hold now.
+    pub(super) fn in_use(&self) -> Vec<Arc<App>> {
+        self.live.values().filter_map(Weak::upgrade).filter(|a| a.connection_count() > 0).collect()
     }
 
     /// The cached apps, each once.

@@ -10,6 +10,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::protocol::client::ParseLimits;
 use crate::protocol::rest::PublishLimits;
@@ -26,6 +28,21 @@ pub struct App {
     /// Connections of this app open on this node (for `max_connections`), shared with the `App`
     /// that a changed row in the app table replaces.
     connections: Arc<AtomicU64>,
+    /// Told when the app store replaces this app (its row changed) or removes it, so that open
+    /// sockets follow: a disabled app's sockets close, a rotated secret signs the next auth.
+    replaced: watch::Sender<Replaced>,
+}
+
+/// What became of an `App` that open sockets hold.
+#[derive(Debug, Clone, Default)]
+pub enum Replaced {
+    /// Still current.
+    #[default]
+    Current,
+    /// Its settings changed: this is the app now.
+    By(Arc<App>),
+    /// Its row is gone.
+    Removed,
 }
 
 impl fmt::Debug for App {
@@ -50,7 +67,23 @@ impl App {
             attrs: metrics.app_attrs(&settings.id),
             settings,
             connections,
+            replaced: watch::Sender::new(Replaced::Current),
         }
+    }
+
+    /// Wakes when this app is replaced or removed (see [`App::replacement`]).
+    pub fn watch_replaced(&self) -> watch::Receiver<Replaced> {
+        self.replaced.subscribe()
+    }
+
+    /// What replaced this app, if anything did.
+    pub fn replacement(&self) -> Replaced {
+        self.replaced.borrow().clone()
+    }
+
+    /// Tells the sockets holding this app what replaced it.
+    fn replace(&self, by: Replaced) {
+        self.replaced.send_replace(by);
     }
 
     pub fn secret(&self) -> &str {
@@ -197,6 +230,23 @@ impl AppManager {
     /// The app with this id, `None` when there is none or it cannot be looked up.
     pub async fn find_by_id(&self, id: &str) -> Option<Arc<App>> {
         self.lookup_by_id(id).await.ok().flatten()
+    }
+
+    /// How often [`AppManager::refresh_in_use`] should run; `None` when apps cannot change (the
+    /// config file's).
+    pub fn refresh_every(&self) -> Option<std::time::Duration> {
+        match &self.backend {
+            Backend::Sql(apps) => Some(apps.refresh_every()),
+            Backend::Config { .. } | Backend::Broken => None,
+        }
+    }
+
+    /// Re-reads the apps that open sockets hold, once past their TTL; a changed or removed app
+    /// tells its sockets (see [`App::watch_replaced`]).
+    pub async fn refresh_in_use(&self) {
+        if let Backend::Sql(apps) = &self.backend {
+            apps.refresh_in_use().await;
+        }
     }
 
     /// Every configured app; with a SQL driver, the apps cached now.

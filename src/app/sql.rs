@@ -243,6 +243,9 @@ impl SqlApps {
         match fetched {
             Ok(Some(settings)) => Ok(Some(cache.fill(settings, &self.metrics, now, self.ttl))),
             Ok(None) => {
+                if by == By::Id {
+                    cache.remove(needle);
+                }
                 cache.fill_missing(by, needle, now, self.miss_ttl);
                 Ok(None)
             }
@@ -284,6 +287,20 @@ impl SqlApps {
     }
 
     /// The cached apps.
+    /// Looks up again every app that open connections hold, so that a changed or removed row
+    /// reaches its sockets within about the cache's TTL (a fresh entry costs no query).
+    pub(super) async fn refresh_in_use(&self) {
+        let in_use = self.cache.lock().unwrap_or_else(|p| p.into_inner()).in_use();
+        for app in in_use {
+            let _ = self.find(By::Id, &app.id).await;
+        }
+    }
+
+    /// How often [`SqlApps::refresh_in_use`] should run.
+    pub(super) fn refresh_every(&self) -> Duration {
+        (self.ttl / 2).max(Duration::from_millis(250))
+    }
+
     pub(super) fn cached(&self) -> Vec<Arc<App>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).apps()
     }

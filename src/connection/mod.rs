@@ -121,7 +121,8 @@ struct NodeSlot<'a>(&'a State);
 
 impl<'a> NodeSlot<'a> {
     fn acquire(state: &'a State) -> Option<Self> {
-        state.try_acquire_connection().then_some(Self(state))
+        // `then`, not `then_some`: a slot built and dropped on refusal would release one it never took.
+        state.try_acquire_connection().then(|| Self(state))
     }
 }
 
@@ -136,7 +137,7 @@ struct AppSlot<'a>(&'a App);
 
 impl<'a> AppSlot<'a> {
     fn acquire(app: &'a App) -> Option<Self> {
-        app.try_acquire_connection().then_some(Self(app))
+        app.try_acquire_connection().then(|| Self(app))
     }
 }
 

@@ -10,10 +10,11 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::adapter::Adapter;
-use crate::app::App;
+use crate::app::{App, Replaced};
 use crate::auth;
 use crate::channels::{AppChannels, Frame, SocketHandle, SubscribeError};
 use crate::outbox::CloseReason;
@@ -49,7 +50,9 @@ struct Subscription {
 
 struct Session<'a> {
     state: &'a Arc<State>,
-    app: &'a Arc<App>,
+    /// The app as the store has it now: replaced when its row changes (see `follow_app`).
+    app: Arc<App>,
+    replaced: watch::Receiver<Replaced>,
     adapter: &'a Arc<Adapter>,
     chans: Arc<AppChannels>,
     handle: Arc<SocketHandle>,
@@ -67,7 +70,8 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
     let rate = app.settings.max_client_events_per_second;
     let mut session = Session {
         state,
-        app,
+        app: app.clone(),
+        replaced: app.watch_replaced(),
         adapter: &state.adapter,
         chans: state.adapter.channels(app),
         handle: handle.clone(),
@@ -170,6 +174,11 @@ impl Session<'_> {
                     shutting_down = true;
                     self.close_with(ProtocolError::ShuttingDown);
                 }
+                changed = self.replaced.changed() => match changed {
+                    Ok(()) => self.follow_app(),
+                    // Only the app we hold can drop its sender, and we hold it: re-arm anyway.
+                    Err(_) => self.replaced = self.app.watch_replaced(),
+                },
                 _ = self.handle.outbox.notified() => {
                     if let Some(end) = self.write(ws, &mut batch, write_timeout).await {
                         return end;
@@ -355,11 +364,39 @@ impl Session<'_> {
             Ok(ClientEvent::Subscribe { channel, auth, channel_data }) => self.subscribe(channel, auth, channel_data),
             Ok(ClientEvent::Unsubscribe { channel }) => {
                 if self.subs.remove(channel.as_str()).is_some() {
-                    self.adapter.unsubscribe(self.app, &channel, &self.handle.id);
+                    self.adapter.unsubscribe(&self.app, &channel, &self.handle.id);
                 }
             }
             Ok(ClientEvent::Signin(data)) => self.signin(data),
             Ok(ClientEvent::Client { event, channel, data }) => self.client_event(event, channel, &data),
+        }
+    }
+
+    /// The app store replaced or removed this socket's app: a disabled or removed app closes
+    /// the socket (4003 / 4001); otherwise the socket carries on with the new settings and
+    /// secret (the next channel auth is checked against it).
+    fn follow_app(&mut self) {
+        let mut next = self.replaced.borrow_and_update().clone();
+        loop {
+            match next {
+                Replaced::Current => return,
+                Replaced::Removed => return self.close_with(ProtocolError::AppNotFound),
+                Replaced::By(app) => {
+                    // It may have been replaced again already.
+                    match app.replacement() {
+                        Replaced::Current => {
+                            if !app.settings.enabled {
+                                self.close_with(ProtocolError::AppDisabled);
+                            }
+                            self.limits = app.parse_limits();
+                            self.replaced = app.watch_replaced();
+                            self.app = app;
+                            return;
+                        }
+                        later => next = later,
+                    }
+                }
+            }
         }
     }
 
@@ -446,7 +483,7 @@ impl Session<'_> {
             let name: Arc<str> = Arc::from(channel.as_str());
             self.subs.insert(name, Subscription { channel: channel.clone(), user_id });
         }
-        match self.adapter.subscribe(self.app, &channel, &self.handle, member) {
+        match self.adapter.subscribe(&self.app, &channel, &self.handle, member) {
             Ok(out) => {
                 super::fault::maybe_panic(channel.as_str());
                 self.handle.reply(server::subscription_succeeded(channel.as_str(), &out.succeeded_data));
@@ -531,13 +568,13 @@ impl Session<'_> {
             }
         }
         let frame = server::client_event(channel.as_str(), &event, data.get(), user_id.as_deref());
-        self.adapter.relay(self.app, &channel, Utf8Bytes::from(frame), Some(&self.handle.id), &event);
+        self.adapter.relay(&self.app, &channel, Utf8Bytes::from(frame), Some(&self.handle.id), &event);
     }
 
     /// Leaves every channel and the user registry; runs however the session ended.
     fn cleanup(&mut self) {
         for (_, sub) in self.subs.drain() {
-            self.adapter.unsubscribe(self.app, &sub.channel, &self.handle.id);
+            self.adapter.unsubscribe(&self.app, &sub.channel, &self.handle.id);
         }
         if let Some(user) = self.handle.user_id() {
             self.chans.remove_user(user, &self.handle.id);

@@ -222,17 +222,56 @@ async fn apps_from_sql(engine: Engine) {
     let again = server.client_of("quota-key").await;
     again.close().await;
 
-    // An app disabled in the database is refused once its cache entry expires.
+    // A secret rotated in the database signs the open socket's next channel auth (within the
+    // cache's TTL), and the old secret stops working for it.
+    db.exec("UPDATE apps SET secret = 'rotated' WHERE id = 'sql-app'").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let channel = format!("private-rotation-{attempt}");
+        let sig = sockudo::auth::sign("rotated", &format!("{}:{channel}", client.socket_id));
+        client
+            .send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": format!("sql-key:{sig}")}}))
+            .await;
+        let reply = loop {
+            let v = client.next().await;
+            if v["channel"] == channel.as_str() {
+                break v;
+            }
+        };
+        if reply["event"] == "pusher_internal:subscription_succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the open socket never took the rotated secret: {reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sig = sockudo::auth::sign("sql-secret", &format!("{}:private-old-secret", client.socket_id));
+    client.send(json!({"event": "pusher:subscribe", "data": {"channel": "private-old-secret", "auth": format!("sql-key:{sig}")}})).await;
+    client.expect_for("pusher:subscription_error", "private-old-secret").await;
+    db.exec("UPDATE apps SET secret = 'sql-secret' WHERE id = 'sql-app'").await;
+    let back = eventually(Duration::from_secs(5), || async {
+        publish(&server, "sql-app", "sql-key", "sql-secret", "orders").await.0 == 200
+    })
+    .await;
+    assert!(back, "the secret was not rotated back");
+    client.expect_for("ev", "orders").await;
+
+    // An app disabled in the database is refused once its cache entry expires, and its open
+    // sockets are closed with 4003 within about the same time.
     db.exec("UPDATE apps SET enabled = FALSE WHERE id = 'sql-app'").await;
     let refused_after_ttl =
         eventually(Duration::from_secs(5), || async { matches!(try_connect(&server, "sql-key").await, Err(4003)) })
             .await;
     assert!(refused_after_ttl, "the disabled app was still accepted");
     assert_eq!(publish(&server, "sql-app", "sql-key", "sql-secret", "orders").await.0, 403);
-    // The socket that was open stays open; enabling the app again lets new ones in.
+    assert_eq!(client.closed().await, Closed::Code(4003), "the open socket of the disabled app is closed");
+    // Enabling the app again lets new ones in.
     db.exec("UPDATE apps SET enabled = TRUE WHERE id = 'sql-app'").await;
     let enabled = eventually(Duration::from_secs(5), || async { try_connect(&server, "sql-key").await.is_ok() }).await;
     assert!(enabled, "the re-enabled app was still refused");
+    let mut client = server.client_of("sql-key").await;
+    client.subscribe("orders").await;
 
     // The database goes away: cached apps keep connecting and publishing past their TTL,
     // others are refused with 4001 (WebSocket) or an error status (API), and nothing panics.

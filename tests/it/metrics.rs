@@ -9,6 +9,23 @@ use serde_json::json;
 
 use crate::support::*;
 
+/// Families of the contract's section 1.6 that this release has not built yet, with the issue
+/// that builds them. The test fails if one of them appears in a scrape (it then belongs in
+/// `FAMILIES`, with its type and labels checked) and nothing we ship may chart them meanwhile.
+const NOT_YET_EMITTED: &[(&str, &str)] = &[
+    ("sockudo_http_server_request_duration_seconds", "issue 17"),
+    ("sockudo_socket_send_queue_bytes", "issue 17"),
+    ("sockudo_cache_channel_bytes", "issue 13, defect 4"),
+    ("sockudo_cache_channel_evictions_total", "issue 13, defect 4"),
+    ("sockudo_webhook_queue_events", "issue 13, defect 11"),
+    ("sockudo_horizontal_adapter_dropped_total", "issues 14 and 17"),
+    ("sockudo_telemetry_export_failures_total", "issue 17"),
+    ("sockudo_runtime_workers", "issue 17"),
+    ("sockudo_runtime_alive_tasks", "issue 17"),
+    ("sockudo_runtime_global_queue_depth", "issue 17"),
+    ("sockudo_runtime_worker_busy_seconds_total", "issue 17"),
+];
+
 /// The contract: name, Prometheus type, label names (besides none for process metrics).
 const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("sockudo_connected", "gauge", &["app_id", "port"]),
@@ -139,6 +156,12 @@ async fn every_family_matches_the_contract_and_passes_promtool() {
     if let Ok(md) = std::fs::read_to_string(&contract) {
         for line in md.lines().filter(|l| l.starts_with("| `sockudo_")) {
             let name = line.split('`').nth(1).unwrap();
+            if let Some(issue) = NOT_YET_EMITTED.iter().find(|(n, _)| *n == name).map(|(_, i)| i) {
+                // Not claimed anywhere either: the server must not serve it half-done.
+                assert!(!families.contains_key(name), "{name} is served: move it from NOT_YET_EMITTED to FAMILIES");
+                println!("note: contract family {name} is not emitted yet ({issue})");
+                continue;
+            }
             assert!(FAMILIES.iter().any(|(n, _, _)| *n == name), "contract family {name} not checked");
         }
     } else {

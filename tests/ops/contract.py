@@ -58,6 +58,23 @@ METRICS = {
 }
 
 # JSON log line fields (contract section 4) plus what Filebeat/Logstash add.
+# Families of the contract's section 1.6 not built yet, with the issue that builds them. No
+# shipped asset may query them (test_assets.py checks every expression against METRICS), and the
+# Rust contract test fails if the server serves one that is still listed here.
+NOT_YET_EMITTED = {
+    "sockudo_http_server_request_duration_seconds": "issue 17",
+    "sockudo_socket_send_queue_bytes": "issue 17",
+    "sockudo_cache_channel_bytes": "issue 13, defect 4",
+    "sockudo_cache_channel_evictions_total": "issue 13, defect 4",
+    "sockudo_webhook_queue_events": "issue 13, defect 11",
+    "sockudo_horizontal_adapter_dropped_total": "issues 14 and 17",
+    "sockudo_telemetry_export_failures_total": "issue 17",
+    "sockudo_runtime_workers": "issue 17",
+    "sockudo_runtime_alive_tasks": "issue 17",
+    "sockudo_runtime_global_queue_depth": "issue 17",
+    "sockudo_runtime_worker_busy_seconds_total": "issue 17",
+}
+
 LOG_FIELDS = {"timestamp", "level", "message", "target", "trace_id", "span_id"}
 PIPELINE_FIELDS = {"@timestamp", "service", "environment"}
 LOG_LEVELS = {"ERROR", "WARN", "INFO", "DEBUG", "TRACE"}
