@@ -3,7 +3,7 @@
 //! refresh, and the apps still referenced by open sockets, so that a refill keeps an app's
 //! connection counter. Synchronous: callers hold its mutex only between awaits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ pub(super) const MAX_ENTRIES: usize = 10_000;
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 /// Which index a lookup uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum By {
     Key,
     Id,
@@ -44,6 +44,9 @@ struct Entry {
 pub(super) struct AppCache {
     by_key: HashMap<String, Entry>,
     by_id: HashMap<String, Entry>,
+    /// Cached misses in the order they were cached, oldest first, for eviction.
+    misses_by_key: VecDeque<String>,
+    misses_by_id: VecDeque<String>,
     /// Every app built and not yet dropped, by id: a refill with the same settings reuses it, and
     /// one with new settings shares its connection counter.
     live: HashMap<String, Weak<App>>,
@@ -58,6 +61,8 @@ impl AppCache {
         Self {
             by_key: HashMap::new(),
             by_id: HashMap::new(),
+            misses_by_key: VecDeque::new(),
+            misses_by_id: VecDeque::new(),
             live: HashMap::new(),
             cap,
             last_purge: None,
@@ -83,6 +88,15 @@ impl AppCache {
             }
             None => Cached::Absent,
         }
+    }
+
+    /// The cached app for `needle`, however old, without claiming or refreshing anything.
+    pub(super) fn peek(&self, by: By, needle: &str) -> Option<Arc<App>> {
+        let index = match by {
+            By::Key => &self.by_key,
+            By::Id => &self.by_id,
+        };
+        index.get(needle).and_then(|e| e.app.clone())
     }
 
     pub(super) fn is_down(&self, now: Instant) -> bool {
@@ -136,19 +150,50 @@ impl AppCache {
         let cap = self.cap;
         if self.index(by).len() >= cap && !self.index(by).contains_key(&needle) {
             self.purge(now);
-            let map = self.index(by);
-            if map.len() >= cap {
-                if entry.app.is_none() {
-                    return;
-                }
-                let victim =
-                    map.iter().find(|(_, e)| e.app.is_none()).or_else(|| map.iter().next()).map(|(k, _)| k.clone());
-                if let Some(k) = victim {
-                    map.remove(&k);
+            if self.index(by).len() >= cap {
+                // The oldest miss makes room (a flood of garbage keys keeps cycling through the
+                // misses, never evicting a real app); failing that, an app does, for an app.
+                let evicted = self.evict_oldest_miss(by);
+                if !evicted {
+                    if entry.app.is_none() {
+                        return;
+                    }
+                    let map = self.index(by);
+                    if let Some(k) = map.keys().next().cloned() {
+                        map.remove(&k);
+                    }
                 }
             }
         }
+        if entry.app.is_none() {
+            let order = self.miss_order(by);
+            order.push_back(needle.clone());
+            // Keys already gone from the index linger here until popped: bound them too.
+            if order.len() > cap * 2 {
+                order.pop_front();
+            }
+        }
         self.index(by).insert(needle, entry);
+    }
+
+    fn miss_order(&mut self, by: By) -> &mut VecDeque<String> {
+        match by {
+            By::Key => &mut self.misses_by_key,
+            By::Id => &mut self.misses_by_id,
+        }
+    }
+
+    /// Removes the oldest cached miss of the index; false when it holds none. Amortised O(1):
+    /// each key is pushed once per miss and popped once.
+    fn evict_oldest_miss(&mut self, by: By) -> bool {
+        while let Some(k) = self.miss_order(by).pop_front() {
+            let map = self.index(by);
+            if map.get(&k).is_some_and(|e| e.app.is_none()) {
+                map.remove(&k);
+                return true;
+            }
+        }
+        false
     }
 
     /// Drops expired entries and dropped apps, at most once per `PURGE_EVERY`.
@@ -252,10 +297,17 @@ mod tests {
         for i in 0..10 {
             c.fill_missing(By::Key, &format!("miss{i}"), t0, TTL);
         }
-        assert_eq!(c.len(By::Key), 3, "misses stop being cached when full");
+        assert_eq!(c.len(By::Key), 3, "the cache stays at its bound");
+        // The newest misses are kept, the oldest evicted (a flood cycles through the misses).
+        assert!(matches!(c.get(By::Key, "miss9", t0, CLAIM), Cached::Fresh(None)));
+        assert!(matches!(c.get(By::Key, "miss0", t0, CLAIM), Cached::Absent));
         c.fill(app("1", "k"), &m, t0, TTL);
         assert_eq!(c.len(By::Key), 3, "an app evicts a miss");
         assert!(matches!(c.get(By::Key, "k", t0, CLAIM), Cached::Fresh(Some(_))));
+        for i in 0..10 {
+            c.fill_missing(By::Key, &format!("garbage{i}"), t0, TTL);
+        }
+        assert!(matches!(c.get(By::Key, "k", t0, CLAIM), Cached::Fresh(Some(_))), "misses never evict an app");
         for i in 0..10 {
             c.fill(app(&format!("id{i}"), &format!("k{i}")), &m, t0, TTL);
         }

@@ -232,6 +232,16 @@ impl AppManager {
         self.lookup_by_id(id).await.ok().flatten()
     }
 
+    /// The app with this key if it is known without a database query (for labelling what is
+    /// refused before any lookup is spent on it).
+    pub fn cached_by_key(&self, key: &str) -> Option<Arc<App>> {
+        match &self.backend {
+            Backend::Config { by_key, .. } => by_key.get(key).cloned(),
+            Backend::Sql(apps) => apps.peek_key(key),
+            Backend::Broken => None,
+        }
+    }
+
     /// How often [`AppManager::refresh_in_use`] should run; `None` when apps cannot change (the
     /// config file's).
     pub fn refresh_every(&self) -> Option<std::time::Duration> {

@@ -15,6 +15,12 @@ use sqlx::{ColumnIndex, ConnectOptions, Decode, Row, Type};
 use crate::config::{mask_url_password, AppConfig, Config, ConfigError, SqlAppsConfig, WebhookConfig};
 use crate::telemetry::Metrics;
 
+use std::collections::HashMap;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::telemetry::logs::Sparse;
+
 use super::cache::{AppCache, By, Cached, MAX_ENTRIES};
 use super::{App, LookupError};
 
@@ -106,12 +112,33 @@ enum Pool {
     MySql(MySqlPool),
 }
 
+/// What a lookup answers.
+type Lookup = Result<Option<Arc<App>>, LookupError>;
+
+/// Keys with a query in flight, at most (each is one waiting lookup's worth of memory).
+const MAX_INFLIGHT: usize = 10_000;
+
+/// A lookup that others with the same key wait for; removed from `inflight` on drop.
+struct Inflight<'a> {
+    apps: &'a SqlApps,
+    key: (By, String),
+    tx: watch::Sender<Option<Lookup>>,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.apps.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
 /// Why a fetch gave no app.
 enum FetchError {
     /// The database did not answer (or answered with an error).
     Database(String),
     /// The row is there but unusable; the message names the column.
     Row(String),
+    /// No pooled connection came free in time: this node is busy, the database is not down.
+    Busy,
 }
 
 /// The SQL backend of `AppManager`.
@@ -127,6 +154,9 @@ pub(super) struct SqlApps {
     lookup_timeout: Duration,
     metrics: Arc<Metrics>,
     cache: Mutex<AppCache>,
+    /// Queries running or waiting for a pool connection, at most `pool_size`.
+    permits: Semaphore,
+    inflight: Mutex<HashMap<(By, String), watch::Receiver<Option<Lookup>>>>,
 }
 
 impl SqlApps {
@@ -177,6 +207,8 @@ impl SqlApps {
             lookup_timeout: connect_timeout * 2,
             metrics: metrics.clone(),
             cache: Mutex::new(AppCache::new(MAX_ENTRIES)),
+            permits: Semaphore::new(sql.pool_size as usize),
+            inflight: Mutex::default(),
         })
     }
 
@@ -234,6 +266,64 @@ impl SqlApps {
             }
             stale
         };
+        self.coalesced(by, needle, stale).await
+    }
+
+    /// One database query per key at a time: concurrent lookups of a key that is not cached
+    /// (a flood of one garbage key, or a popular app past its TTL) wait for the first one's
+    /// answer instead of each running a query.
+    async fn coalesced(&self, by: By, needle: &str, stale: Option<Option<Arc<App>>>) -> Lookup {
+        let key = (by, needle.to_owned());
+        // `Ok(rx)`: wait for that lookup; `Err(Some(tx))`: lead; `Err(None)`: past the bound,
+        // run alone (still limited by the query permits).
+        let role = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&key) {
+                Some(rx) => Ok(rx.clone()),
+                None if inflight.len() < MAX_INFLIGHT => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx);
+                    Err(Some(tx))
+                }
+                None => Err(None),
+            }
+        };
+        let follower = match role {
+            Ok(rx) => Some(rx),
+            Err(Some(tx)) => {
+                // Dropped however this lookup ends (its client may leave mid-query): the entry
+                // goes, and the waiting lookups are answered or let go.
+                let leader = Inflight { apps: self, key, tx };
+                let result = self.query(by, needle, stale).await;
+                leader.tx.send_replace(Some(result.clone()));
+                return result;
+            }
+            Err(None) => None,
+        };
+        match follower {
+            Some(mut rx) => {
+                let answer = tokio::time::timeout(self.lookup_timeout, rx.wait_for(Option::is_some)).await;
+                match answer {
+                    Ok(Ok(v)) => v.clone().unwrap_or(Err(LookupError::Unavailable)),
+                    // The first lookup was dropped (its client left) or took too long.
+                    _ => stale.ok_or(LookupError::Unavailable),
+                }
+            }
+            None => self.query(by, needle, stale).await,
+        }
+    }
+
+    /// Asks the database, under one of `pool_size` query permits. Waiting too long for a
+    /// permit means this node is flooded with lookups, not that the database is down: that
+    /// lookup fails alone, and the store is not marked down for every other app.
+    async fn query(&self, by: By, needle: &str, stale: Option<Option<Arc<App>>>) -> Lookup {
+        let Ok(Ok(_permit)) = tokio::time::timeout(self.lookup_timeout, self.permits.acquire()).await else {
+            static LOG: Sparse = Sparse::new();
+            if let Some(suppressed) = LOG.admit() {
+                tracing::warn!(suppressed, "app lookups are queueing past the lookup timeout; this one is refused");
+            }
+            return stale.ok_or(LookupError::Unavailable);
+        };
         let fetched = match tokio::time::timeout(self.lookup_timeout, self.fetch(by, needle)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError::Database(format!("no answer within {} ms", self.lookup_timeout.as_millis()))),
@@ -254,6 +344,16 @@ impl SqlApps {
                 cache.fill_missing(by, needle, now, self.miss_ttl);
                 Ok(None)
             }
+            Err(FetchError::Busy) => {
+                static LOG: Sparse = Sparse::new();
+                if let Some(suppressed) = LOG.admit() {
+                    tracing::warn!(
+                        suppressed,
+                        "app lookups are waiting for a database connection; this one is refused"
+                    );
+                }
+                stale.ok_or(LookupError::Unavailable)
+            }
             Err(FetchError::Database(error)) => {
                 cache.mark_down(now + RETRY);
                 let cached = stale.is_some();
@@ -268,7 +368,11 @@ impl SqlApps {
             By::Key => &self.by_key,
             By::Id => &self.by_id,
         };
-        let db = |e: sqlx::Error| FetchError::Database(e.to_string());
+        let db = |e: sqlx::Error| match e {
+            // Every pooled connection was busy (a flood of lookups): this lookup fails alone.
+            sqlx::Error::PoolTimedOut => FetchError::Busy,
+            e => FetchError::Database(e.to_string()),
+        };
         let settings = match &self.pool {
             Pool::Postgres(p) => match sqlx::query(sql).bind(needle).fetch_optional(p).await.map_err(db)? {
                 Some(row) => Some(decode(&row).map_err(FetchError::Row)?),
@@ -294,6 +398,11 @@ impl SqlApps {
         for app in in_use {
             let _ = self.find(By::Id, &app.id).await;
         }
+    }
+
+    /// The cached app with this key, without asking the database.
+    pub(super) fn peek_key(&self, key: &str) -> Option<Arc<App>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).peek(By::Key, key)
     }
 
     /// How often [`SqlApps::refresh_in_use`] should run.

@@ -39,7 +39,8 @@ pub async fn upgrade(
     let per_ip = state.config.rate_limits.connections_per_ip_per_second;
     if let (Some(axum::Extension(ConnectInfo(addr))), true) = (peer, per_ip > 0) {
         let decision = state.limiter.check(&format!("ip:{}", addr.ip()), per_ip, 1).await;
-        let app = state.apps.find_by_key(&key).await;
+        // Only what is cached labels the decision: a refused upgrade must not cost a query.
+        let app = state.apps.cached_by_key(&key);
         let attrs = app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
         state.metrics.rate_limit(attrs, Limiter::WebsocketConnect, !decision.allowed);
         if !decision.allowed {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::json;
 use sockudo::app::{AppManager, LookupError};
 use sockudo::config::{self, Config};
@@ -422,4 +423,51 @@ async fn unreachable_database_at_startup_exits_64_with_the_password_masked() {
         assert!(err.contains("app_manager.sql.url"), "{err}");
         assert!(!err.contains("hunter2"), "password leaked: {err}");
     }
+}
+
+/// A flood of WebSocket upgrades with garbage keys (hundreds at once, distinct and repeated)
+/// against a database with two pooled connections: every one is refused with 4001 (misses are
+/// cached, lookups of one key coalesced, queries bounded by the pool), the store is never
+/// marked down, and a real app that was never looked up before connects at once afterwards.
+async fn garbage_key_flood(engine: Engine) {
+    let db = TestDb::create(engine, true).await;
+    db.insert_app("real-app", "real-key", "real-secret", &[]).await;
+    db.insert_app("second-app", "second-key", "second-secret", &[]).await;
+    let server = sql_server(engine, &db.url).await;
+    let port = server.port;
+    let attempts = (0..600).map(|i| {
+        // Half distinct keys, half one repeated key (coalesced into one query at a time).
+        let key = if i % 2 == 0 { format!("garbage-{i}") } else { "garbage-same".to_owned() };
+        async move {
+            let url = format!("ws://127.0.0.1:{port}/app/{key}?protocol=7");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+            next_json(&mut ws).await["data"]["code"].as_u64()
+        }
+    });
+    let codes: Vec<Option<u64>> = futures_util::stream::iter(attempts).buffer_unordered(200).collect().await;
+    // 4001, or under this much load the retryable 4102 for lookups that waited past the lookup
+    // timeout for a query permit (this node is busy; the store is not down).
+    let refused_4001 = codes.iter().filter(|c| **c == Some(4001)).count();
+    let busy = codes.iter().filter(|c| **c == Some(4102)).count();
+    assert_eq!(refused_4001 + busy, codes.len(), "{codes:?}");
+    assert!(refused_4001 >= codes.len() / 2, "{refused_4001} of {} got 4001", codes.len());
+    println!("{} garbage upgrades: {refused_4001} got 4001, {busy} got 4102", codes.len());
+    // Neither app was looked up before: had the flood marked the store down, they would get 4102.
+    for key in ["real-key", "second-key"] {
+        let real = try_connect(&server, key).await;
+        assert!(real.is_ok(), "{key} was refused after the flood: {:?}", real.err());
+    }
+    let (status, _) = server.raw_request("GET", "/up", None).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_garbage_key_flood() {
+    garbage_key_flood(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn mariadb_garbage_key_flood() {
+    garbage_key_flood(Engine::MariaDb).await;
 }
