@@ -115,6 +115,9 @@ enum Pool {
 /// What a lookup answers.
 type Lookup = Result<Option<Arc<App>>, LookupError>;
 
+/// Where the lookups of one key wait for the answer of the one query running for it.
+type Waiting = watch::Receiver<Option<Lookup>>;
+
 /// Keys with a query in flight, at most (each is one waiting lookup's worth of memory).
 const MAX_INFLIGHT: usize = 10_000;
 
@@ -156,7 +159,7 @@ pub(super) struct SqlApps {
     cache: Mutex<AppCache>,
     /// Queries running or waiting for a pool connection, at most `pool_size`.
     permits: Semaphore,
-    inflight: Mutex<HashMap<(By, String), watch::Receiver<Option<Lookup>>>>,
+    inflight: Mutex<HashMap<(By, String), Waiting>>,
 }
 
 impl SqlApps {
