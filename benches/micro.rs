@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sockudo::adapter::Adapter;
 use sockudo::app::{App, AppManager};
 use sockudo::auth::{self, SignedRequest};
-use sockudo::channels::{AppChannels, Frame, Registry, SocketHandle};
+use sockudo::channels::{AppChannels, CacheBounds, Frame, Registry, SocketHandle};
 use sockudo::config::{AppConfig, Config};
 use sockudo::protocol::client::ParseLimits;
 use sockudo::protocol::rest::{self, PublishLimits};
@@ -155,8 +155,10 @@ fn signature(c: &mut Criterion) {
 
 fn channel_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("channel_lookup");
-    let registry = Registry::new(Duration::from_secs(1800));
-    let chans: Arc<AppChannels> = registry.app(APP_ID);
+    let telemetry = telemetry();
+    let app = App::new(app_settings(), &telemetry.metrics);
+    let registry = Registry::new(CacheBounds::ttl_only(Duration::from_secs(1800)));
+    let chans: Arc<AppChannels> = registry.app(&app);
     for i in 0..10_000 {
         let name = ChannelName::parse(&format!("orders-{i}"), 200).expect("valid name");
         chans.subscribe(&name, &handle(i), None, 100).expect("public subscribe");
@@ -172,7 +174,7 @@ fn channel_lookup(c: &mut Criterion) {
     assert!(chans.snapshot("orders-4242").is_some());
 
     // The first two steps of every broadcast: the app's state, then the channel's subscribers.
-    g.bench_function("registry_app", |b| b.iter(|| registry.app(black_box(APP_ID))));
+    g.bench_function("registry_app", |b| b.iter(|| registry.app(black_box(&app))));
     g.bench_function("snapshot_hit_10k_channels", |b| b.iter(|| chans.snapshot(black_box("orders-4242"))));
     g.bench_function("snapshot_miss_10k_channels", |b| b.iter(|| chans.snapshot(black_box("orders-nobody"))));
     g.bench_function("info_10k_channels", |b| b.iter(|| chans.info(black_box(&existing))));

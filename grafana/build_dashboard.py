@@ -233,6 +233,12 @@ def build():
     L.add(timeseries("Unsubscription rate", [
         (f"sum by (channel_type) (rate(sockudo_channel_unsubscriptions_total{{{S}}}[{RI}]))", "{{channel_type}}"),
     ], unit="ops"), 8, 8)
+    L.add(timeseries("Cache channel bytes by app", [
+        (f"sum by (app_id) (sockudo_cache_channel_bytes{{{S}}})", "{{app_id}}"),
+    ], unit="bytes", desc="Bytes held for cache channels' last events (frame plus channel name), bounded by `cache.max_mb_per_app` per app and `cache.max_mb` per node."), 12, 8)
+    L.add(timeseries("Cache channel evictions by app", [
+        (f"sum by (app_id) (rate(sockudo_cache_channel_evictions_total{{{S}}}[{RI}]))", "{{app_id}}"),
+    ], unit="ops", desc="Last events evicted (the writing app's oldest, never another app's) or not stored to keep the cache within its byte bounds."), 12, 8)
 
     # ------------------------------------------------------------------ rate limiting
     L.row("Rate limiting")

@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::app::{App, AppManager};
-use crate::channels::{AppChannels, ChannelInfo, Delivery, Frame, Registry, SocketHandle, SubscribeError, Subscribed};
+use crate::channels::{
+    AppChannels, CacheBounds, ChannelInfo, Delivery, Frame, Registry, SocketHandle, SubscribeError, Subscribed,
+};
 use crate::config::{AdapterDriver, Config, ConfigError};
 use crate::outbox::CloseReason;
 use crate::protocol::rest::PublishEvent;
@@ -110,7 +112,11 @@ impl Adapter {
             None => (None, watch::channel(true).1, None),
         };
         let adapter = Self {
-            registry: Registry::new(Duration::from_secs(config.cache.ttl_seconds)),
+            registry: Registry::new(CacheBounds {
+                ttl: Duration::from_secs(config.cache.ttl_seconds),
+                max_app_bytes: config.cache.max_bytes_per_app(),
+                max_node_bytes: config.cache.max_bytes(),
+            }),
             gauges: metrics.adapter_attrs(c.driver.as_str()),
             metrics,
             apps,
@@ -138,7 +144,7 @@ impl Adapter {
     }
 
     pub fn channels(&self, app: &App) -> Arc<AppChannels> {
-        self.registry.app(&app.id)
+        self.registry.app(app)
     }
 
     /// Whether this node can reach the rest of the cluster (always, for the local driver).
@@ -162,7 +168,7 @@ impl Adapter {
         except: Option<&str>,
         started: Option<Instant>,
     ) -> usize {
-        let Some(subscribers) = self.registry.app(&app.id).snapshot(channel.as_str()) else { return 0 };
+        let Some(subscribers) = self.registry.app(app).snapshot(channel.as_str()) else { return 0 };
         let recipients =
             subscribers.len() - usize::from(except.is_some_and(|e| subscribers.iter().any(|s| &*s.id == e)));
         if recipients == 0 {
@@ -235,7 +241,7 @@ impl Adapter {
             let _entered = span.enter();
             let text = Utf8Bytes::from(server::event(channel.as_str(), &event.name, &event.data));
             if channel.is_cache() {
-                self.registry.app(&app.id).set_cache(channel.as_str(), text.clone());
+                self.registry.app(app).set_cache(channel.as_str(), text.clone());
             }
             if let Some(cluster) = &self.cluster {
                 let header = Header::Broadcast {
@@ -265,7 +271,7 @@ impl Adapter {
         handle: &Arc<SocketHandle>,
         member: Option<PresenceMember>,
     ) -> Result<Subscribed, SubscribeError> {
-        let chans = self.registry.app(&app.id);
+        let chans = self.registry.app(app);
         let joining = member.as_ref().map(|m| (m.user_id.clone(), m.user_info.get().to_owned()));
         let mut outcome = chans.subscribe(channel, handle, member, app.settings.max_presence_members_per_channel)?;
         if let (Some(cluster), true) = (&self.cluster, channel.kind() == ChannelKind::Presence) {
@@ -312,7 +318,7 @@ impl Adapter {
 
     /// Unsubscribes a socket (explicitly or by disconnect); false when it was not subscribed.
     pub fn unsubscribe(self: &Arc<Self>, app: &Arc<App>, channel: &ChannelName, socket_id: &str) -> bool {
-        let chans = self.registry.app(&app.id);
+        let chans = self.registry.app(app);
         let Some(out) = chans.unsubscribe(channel.as_str(), socket_id) else { return false };
         self.metrics.unsubscribed(&app.attrs, out.channel_type, 1);
         if out.vacated {
@@ -445,7 +451,7 @@ impl Adapter {
     }
 
     fn terminate_local(&self, app: &App, user_id: &str) -> usize {
-        let sockets = self.registry.app(&app.id).user_sockets(user_id);
+        let sockets = self.registry.app(app).user_sockets(user_id);
         for s in &sockets {
             let err = ProtocolError::Terminated;
             s.outbox.close_with(Frame::from(server::error(&err)), CloseReason::Code(err.code(), err.to_string()));
@@ -466,7 +472,7 @@ impl Adapter {
 
     /// Counts of one channel across the cluster (nodes that do not answer in time are left out).
     pub async fn channel_info(&self, app: &App, channel: &ChannelName) -> ChannelInfo {
-        let mut info = self.registry.app(&app.id).info(channel);
+        let mut info = self.registry.app(app).info(channel);
         for a in self.ask(app, Query::Channel { name: channel.as_str().to_owned() }).await {
             info.subscription_count += a.as_u64().unwrap_or(0) as usize;
         }
@@ -479,7 +485,7 @@ impl Adapter {
     /// Occupied channels starting with `prefix` across the cluster.
     pub async fn channel_list(&self, app: &App, prefix: &str) -> Vec<ChannelInfo> {
         let mut merged: BTreeMap<String, ChannelInfo> =
-            self.registry.app(&app.id).list(prefix).into_iter().map(|c| (c.name.to_string(), c)).collect();
+            self.registry.app(app).list(prefix).into_iter().map(|c| (c.name.to_string(), c)).collect();
         for answer in self.ask(app, Query::Channels { prefix: prefix.to_owned() }).await {
             let Some(map) = answer.as_object() else { continue };
             for (name, count) in map {
@@ -487,7 +493,7 @@ impl Adapter {
                 if let Some(c) = merged.get_mut(name) {
                     c.subscription_count += count;
                 } else if let Ok(channel) = ChannelName::parse(name, app.settings.max_channel_name_length) {
-                    let mut c = self.registry.app(&app.id).info(&channel);
+                    let mut c = self.registry.app(app).info(&channel);
                     c.subscription_count = count;
                     merged.insert(name.clone(), c);
                 }
@@ -505,7 +511,7 @@ impl Adapter {
     pub fn members(&self, app: &App, channel: &ChannelName) -> Vec<String> {
         match &self.cluster {
             Some(cluster) => cluster.members(&app.id, channel.as_str()).into_iter().map(|(u, _)| u).collect(),
-            None => self.registry.app(&app.id).members(channel.as_str()).iter().map(|u| u.to_string()).collect(),
+            None => self.registry.app(app).members(channel.as_str()).iter().map(|u| u.to_string()).collect(),
         }
     }
 
@@ -597,7 +603,7 @@ impl Adapter {
                 crate::telemetry::trace::continue_from(&span, tp.as_deref());
                 let _entered = span.enter();
                 if cache {
-                    self.registry.app(&app.id).set_cache(&c, text.clone());
+                    self.registry.app(&app).set_cache(&c, text.clone());
                 }
                 // The origin's clock starts the latency; clocks of nodes on one host agree.
                 let started = (o > 0).then(|| {
@@ -610,7 +616,7 @@ impl Adapter {
             }
             Header::Query { n, id, a, q } => {
                 let Some(app) = self.apps.find_by_id(&a).await else { return };
-                let chans = self.registry.app(&app.id);
+                let chans = self.registry.app(&app);
                 let body = match q {
                     Query::Channels { prefix } => {
                         let map: serde_json::Map<String, Value> = chans

@@ -3,21 +3,24 @@
 //! no lock is held across an `.await`, and broadcasts take a shared snapshot of the subscriber
 //! list so that fan-out happens outside the lock.
 
+mod cache;
 mod socket;
 
+pub use cache::{CacheBounds, CacheChange, MAX_CACHED_CHANNELS};
 pub use socket::{Delivery, Frame, SocketHandle, SocketId};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
 
+use crate::app::App;
 use crate::protocol::{ChannelName, ChannelType, PresenceMember};
-
-/// Cache channels per app whose last event is kept at once.
-pub const MAX_CACHED_CHANNELS: usize = 100_000;
+use crate::telemetry::CacheMeter;
+use cache::CacheStore;
 
 /// The subscribers of a channel at one moment, shared by every broadcast until it changes.
 pub type Snapshot = Arc<[Arc<SocketHandle>]>;
@@ -85,19 +88,36 @@ struct Channel {
 #[derive(Default)]
 struct Inner {
     channels: HashMap<Arc<str>, Channel>,
-    cache: HashMap<Arc<str>, (Utf8Bytes, Instant)>,
+    cache: CacheStore,
     users: HashMap<Arc<str>, HashMap<SocketId, Arc<SocketHandle>>>,
 }
 
 /// The channel state of one app on this node.
 pub struct AppChannels {
     inner: Mutex<Inner>,
-    cache_ttl: Duration,
+    cache: CacheBounds,
+    /// Bytes of every app's cached events on this node, shared with the [`Registry`].
+    node_bytes: Arc<AtomicU64>,
+    meter: Option<CacheMeter>,
 }
 
 impl AppChannels {
+    /// State whose cache is bounded only by `cache_ttl` and the channel count (for tests).
     pub fn new(cache_ttl: Duration) -> Self {
-        Self { inner: Mutex::new(Inner::default()), cache_ttl }
+        Self::with_cache(CacheBounds::ttl_only(cache_ttl), Arc::default(), None)
+    }
+
+    /// State whose cache counts its bytes in `node_bytes` too and reports them to `meter`.
+    pub fn with_cache(cache: CacheBounds, node_bytes: Arc<AtomicU64>, meter: Option<CacheMeter>) -> Self {
+        Self { inner: Mutex::new(Inner::default()), cache, node_bytes, meter }
+    }
+
+    /// Records a cache change, called after the lock is released.
+    fn record(&self, change: CacheChange) -> CacheChange {
+        if let Some(m) = &self.meter {
+            m.record(change.bytes_delta, change.evicted);
+        }
+        change
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -204,42 +224,34 @@ impl AppChannels {
         )
     }
 
-    /// Keeps `frame` as the channel's last event (cache channels). The map is bounded: past
-    /// [`MAX_CACHED_CHANNELS`] expired entries are swept, then an arbitrary one is evicted.
-    pub fn set_cache(&self, channel: &str, frame: Utf8Bytes) {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        if inner.cache.len() >= MAX_CACHED_CHANNELS && !inner.cache.contains_key(channel) {
-            inner.cache.retain(|_, (_, expires)| *expires > now);
-            if inner.cache.len() >= MAX_CACHED_CHANNELS {
-                if let Some(victim) = inner.cache.keys().next().cloned() {
-                    inner.cache.remove(&victim);
-                }
-            }
-        }
-        let expires = now + self.cache_ttl;
-        inner.cache.insert(Arc::from(channel), (frame, expires));
+    /// Keeps `frame` as the channel's last event (cache channels), evicting this app's oldest
+    /// stored events while it would pass the channel count, the app's byte bound or the node's
+    /// (see `cache.rs`: never another app's events; an event that cannot fit is not stored).
+    pub fn set_cache(&self, channel: &str, frame: Utf8Bytes) -> CacheChange {
+        let change = self.lock().cache.set(channel, frame, Instant::now(), &self.cache, &self.node_bytes);
+        self.record(change)
     }
 
     /// The channel's last event, if it has one that has not expired.
     pub fn cached(&self, channel: &str) -> Option<Utf8Bytes> {
-        let mut inner = self.lock();
-        match inner.cache.get(channel) {
-            Some((frame, expires)) if *expires > Instant::now() => Some(frame.clone()),
-            Some(_) => {
-                inner.cache.remove(channel);
-                None
-            }
-            None => None,
-        }
+        let (frame, change) = self.lock().cache.get(channel, Instant::now(), &self.node_bytes);
+        self.record(change);
+        frame
     }
 
     /// Drops expired cache entries; returns how many remain.
     pub fn sweep_cache(&self) -> usize {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner.cache.retain(|_, (_, expires)| *expires > now);
-        inner.cache.len()
+        let (change, left) = {
+            let mut inner = self.lock();
+            (inner.cache.sweep(Instant::now(), &self.node_bytes), inner.cache.len())
+        };
+        self.record(change);
+        left
+    }
+
+    /// Bytes of this app's cached events (frame plus channel name each).
+    pub fn cache_bytes(&self) -> u64 {
+        self.lock().cache.bytes()
     }
 
     /// Counts of one channel (zeros when nobody is subscribed here).
@@ -313,6 +325,15 @@ impl AppChannels {
     }
 }
 
+impl Drop for AppChannels {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        let change = CacheChange { bytes_delta: -(inner.cache.bytes() as i64), evicted: 0 };
+        inner.cache.release(&self.node_bytes);
+        self.record(change);
+    }
+}
+
 fn presence_payload(ch: &Channel) -> String {
     if ch.name.kind() != crate::protocol::ChannelKind::Presence {
         return "{}".to_owned();
@@ -321,24 +342,35 @@ fn presence_payload(ch: &Channel) -> String {
 }
 
 /// Channel state of every app on this node.
-#[derive(Default)]
 pub struct Registry {
     apps: RwLock<HashMap<String, Arc<AppChannels>>>,
-    cache_ttl: Duration,
+    cache: CacheBounds,
+    /// Bytes of every app's cached events, for the node bound (`cache.max_mb`).
+    node_bytes: Arc<AtomicU64>,
 }
 
 impl Registry {
-    pub fn new(cache_ttl: Duration) -> Self {
-        Self { apps: RwLock::default(), cache_ttl }
+    pub fn new(cache: CacheBounds) -> Self {
+        Self { apps: RwLock::default(), cache, node_bytes: Arc::default() }
     }
 
-    /// The state of `app_id`, created on first use.
-    pub fn app(&self, app_id: &str) -> Arc<AppChannels> {
-        if let Some(a) = self.apps.read().unwrap_or_else(|p| p.into_inner()).get(app_id) {
+    /// The state of `app`, created on first use with the app's cache instruments. An `App`
+    /// rebuilt from a changed row keeps the state (and the series, whose labels are the same).
+    pub fn app(&self, app: &App) -> Arc<AppChannels> {
+        if let Some(a) = self.apps.read().unwrap_or_else(|p| p.into_inner()).get(&app.id) {
             return a.clone();
         }
         let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
-        apps.entry(app_id.to_owned()).or_insert_with(|| Arc::new(AppChannels::new(self.cache_ttl))).clone()
+        apps.entry(app.id.clone())
+            .or_insert_with(|| {
+                Arc::new(AppChannels::with_cache(self.cache, self.node_bytes.clone(), app.attrs.cache_meter()))
+            })
+            .clone()
+    }
+
+    /// Bytes of every app's cached events on this node.
+    pub fn cache_bytes(&self) -> u64 {
+        self.node_bytes.load(Ordering::Relaxed)
     }
 
     /// Every app's state (for cache sweeping).
@@ -397,5 +429,117 @@ mod tests {
         assert_eq!(chans.snapshot("a").unwrap().len(), 2);
         chans.unsubscribe("a", "1.1").unwrap();
         assert_eq!(chans.snapshot("a").unwrap().len(), 1);
+    }
+
+    fn bounded(app_bytes: u64, node_bytes: &Arc<AtomicU64>, node_max: u64) -> AppChannels {
+        let bounds = CacheBounds { ttl: Duration::from_secs(60), max_app_bytes: app_bytes, max_node_bytes: node_max };
+        AppChannels::with_cache(bounds, node_bytes.clone(), None)
+    }
+
+    /// A frame of `n` bytes; with a 7-byte channel name (`cache-a`) an entry weighs `n + 7`.
+    fn frame(n: usize) -> Utf8Bytes {
+        Utf8Bytes::from("x".repeat(n))
+    }
+
+    #[test]
+    fn cache_replace_adjusts_bytes() {
+        let node = Arc::new(AtomicU64::new(0));
+        let chans = bounded(1000, &node, 1000);
+        assert_eq!(chans.set_cache("cache-a", frame(93)), CacheChange { bytes_delta: 100, evicted: 0 });
+        assert_eq!(chans.set_cache("cache-a", frame(43)), CacheChange { bytes_delta: -50, evicted: 0 });
+        assert_eq!((chans.cache_bytes(), node.load(Ordering::Relaxed)), (50, 50));
+        assert_eq!(chans.cached("cache-a").unwrap().len(), 43);
+        drop(chans);
+        assert_eq!(node.load(Ordering::Relaxed), 0, "a dropped app gives its bytes back");
+    }
+
+    #[test]
+    fn cache_expiry_frees_bytes() {
+        let node = Arc::new(AtomicU64::new(0));
+        let bounds = CacheBounds { ttl: Duration::ZERO, max_app_bytes: 1000, max_node_bytes: 1000 };
+        let chans = AppChannels::with_cache(bounds, node.clone(), None);
+        chans.set_cache("cache-a", frame(93));
+        assert_eq!(node.load(Ordering::Relaxed), 100);
+        // A store first drops what has expired (`a`), oldest first.
+        chans.set_cache("cache-b", frame(93));
+        assert_eq!((chans.cache_bytes(), node.load(Ordering::Relaxed)), (100, 100));
+        // Reading an expired event drops it.
+        assert!(chans.cached("cache-b").is_none());
+        assert_eq!((chans.cache_bytes(), node.load(Ordering::Relaxed)), (0, 0));
+        // So does the sweep.
+        chans.set_cache("cache-c", frame(93));
+        assert_eq!(chans.sweep_cache(), 0);
+        assert_eq!((chans.cache_bytes(), node.load(Ordering::Relaxed)), (0, 0));
+    }
+
+    #[test]
+    fn cache_evicts_oldest_first_within_the_app_bound() {
+        let node = Arc::new(AtomicU64::new(0));
+        let chans = bounded(300, &node, u64::MAX);
+        for c in ["cache-a", "cache-b", "cache-c"] {
+            assert_eq!(chans.set_cache(c, frame(93)).evicted, 0);
+        }
+        // The fourth evicts the oldest, `a`.
+        assert_eq!(chans.set_cache("cache-d", frame(93)), CacheChange { bytes_delta: 0, evicted: 1 });
+        assert!(chans.cached("cache-a").is_none());
+        // Replacing `b` makes it the newest, so `c` is the next to go.
+        chans.set_cache("cache-b", frame(93));
+        assert_eq!(chans.set_cache("cache-e", frame(93)).evicted, 1);
+        assert!(chans.cached("cache-c").is_none());
+        for c in ["cache-b", "cache-d", "cache-e"] {
+            assert!(chans.cached(c).is_some(), "{c}");
+        }
+        // A bigger event evicts as many as it needs, oldest first.
+        assert_eq!(chans.set_cache("cache-f", frame(193)).evicted, 2);
+        assert!(chans.cached("cache-e").is_some() && chans.cached("cache-d").is_none());
+        assert_eq!((chans.cache_bytes(), node.load(Ordering::Relaxed)), (300, 300));
+    }
+
+    #[test]
+    fn cache_refuses_an_event_above_the_app_bound() {
+        let node = Arc::new(AtomicU64::new(0));
+        let chans = bounded(300, &node, u64::MAX);
+        chans.set_cache("cache-a", frame(93));
+        chans.set_cache("cache-b", frame(93));
+        // Too big on its own: not stored, counted, and `a`'s old event is not replayed either.
+        assert_eq!(chans.set_cache("cache-a", frame(301)), CacheChange { bytes_delta: -100, evicted: 1 });
+        assert!(chans.cached("cache-a").is_none());
+        assert!(chans.cached("cache-b").is_some(), "other channels are kept");
+        assert_eq!(node.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
+    fn cache_node_bound_never_evicts_another_app() {
+        let node = Arc::new(AtomicU64::new(0));
+        let (a, b) = (bounded(1000, &node, 300), bounded(1000, &node, 300));
+        for c in ["cache-a", "cache-b", "cache-c"] {
+            a.set_cache(c, frame(93));
+        }
+        // The node is full of app A's events: B has nothing to evict, so its event is refused.
+        assert_eq!(b.set_cache("cache-x", frame(93)), CacheChange { bytes_delta: 0, evicted: 1 });
+        assert!(b.cached("cache-x").is_none());
+        assert_eq!((a.cache_bytes(), node.load(Ordering::Relaxed)), (300, 300));
+        // A writing again evicts its own oldest.
+        assert_eq!(a.set_cache("cache-d", frame(93)).evicted, 1);
+        assert!(a.cached("cache-a").is_none() && a.cached("cache-b").is_some());
+        // Once A's events shrink (b, c: 10 bytes each), B stores, and then evicts only its own.
+        a.set_cache("cache-b", frame(3));
+        a.set_cache("cache-c", frame(3));
+        assert_eq!(a.cache_bytes(), 120);
+        assert_eq!(b.set_cache("cache-x", frame(93)).evicted, 0);
+        assert_eq!(b.set_cache("cache-y", frame(93)).evicted, 1, "B's own x goes, not A's");
+        assert!(b.cached("cache-x").is_none() && b.cached("cache-y").is_some());
+        assert!(["cache-b", "cache-c", "cache-d"].iter().all(|c| a.cached(c).is_some()));
+        assert_eq!((a.cache_bytes(), b.cache_bytes(), node.load(Ordering::Relaxed)), (120, 100, 220));
+    }
+
+    #[test]
+    fn cache_count_bound_evicts_oldest() {
+        let chans = AppChannels::new(Duration::from_secs(60));
+        for i in 0..MAX_CACHED_CHANNELS {
+            chans.set_cache(&format!("cache-{i}"), frame(1));
+        }
+        assert_eq!(chans.set_cache("cache-new", frame(1)).evicted, 1);
+        assert!(chans.cached("cache-0").is_none() && chans.cached("cache-1").is_some());
     }
 }

@@ -208,6 +208,15 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.http_api.max_body_kb == 0 {
         return Err(ConfigError::new("http_api.max_body_kb", "must be above 0"));
     }
+    for (key, mb) in [("cache.max_mb_per_app", c.cache.max_mb_per_app), ("cache.max_mb", c.cache.max_mb)] {
+        // 0 would mean "store nothing" as easily as "no bound"; neither is worth the ambiguity.
+        if mb == 0 {
+            return Err(ConfigError::new(key, "must be above 0 (MiB)"));
+        }
+        if mb.checked_mul(1024 * 1024).is_none() {
+            return Err(ConfigError::new(key, format!("{mb} MiB does not fit in 64 bits of bytes")));
+        }
+    }
     if !matches!(c.rate_limits.driver.as_str(), "memory" | "redis") {
         return Err(ConfigError::new(
             "rate_limits.driver",
@@ -447,6 +456,23 @@ mod tests {
         assert_eq!(c.port, 6001);
         assert_eq!(c.metrics.port, 9601);
         assert_eq!(c.app_manager.array.apps[0].key, "app-key");
+    }
+
+    #[test]
+    fn cache_bounds_are_validated() {
+        let c = load(None, &HashMap::new()).unwrap();
+        assert_eq!((c.cache.max_mb_per_app, c.cache.max_mb), (64, 512));
+        assert_eq!(c.cache.max_bytes_per_app(), 64 << 20);
+        for key in ["max_mb_per_app", "max_mb"] {
+            for bad in [0, u64::MAX / 1024 + 1, u64::MAX] {
+                let mut c = c.clone();
+                match key {
+                    "max_mb_per_app" => c.cache.max_mb_per_app = bad,
+                    _ => c.cache.max_mb = bad,
+                }
+                assert_eq!(validate(&c).unwrap_err().key, format!("cache.{key}"), "{key} = {bad}");
+            }
+        }
     }
 
     #[test]

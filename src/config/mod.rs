@@ -172,6 +172,24 @@ pub enum LogFormat {
 pub struct CacheConfig {
     /// How long a cache channel keeps its last event.
     pub ttl_seconds: u64,
+    /// MiB of cache channels' last events one app may hold on this node; past it the app's
+    /// oldest stored events are evicted.
+    pub max_mb_per_app: u64,
+    /// MiB of cache channels' last events all apps together may hold on this node. A store that
+    /// would pass it evicts only the writing app's oldest events, never another app's.
+    pub max_mb: u64,
+}
+
+impl CacheConfig {
+    /// `max_mb_per_app` in bytes (validation refuses values whose byte count overflows).
+    pub fn max_bytes_per_app(&self) -> u64 {
+        self.max_mb_per_app.saturating_mul(1024 * 1024)
+    }
+
+    /// `max_mb` in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_mb.saturating_mul(1024 * 1024)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -525,7 +543,7 @@ impl Default for Config {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { ttl_seconds: 1800 }
+        Self { ttl_seconds: 1800, max_mb_per_app: 64, max_mb: 512 }
     }
 }
 

@@ -4,7 +4,7 @@
 //! OTel names carry no prefix; the Prometheus bridge adds the configured one and is told not to
 //! add `_total` or unit suffixes, so the exposed names are exactly the contract's.
 
-use opentelemetry::metrics::{BoundCounter, Counter, Gauge, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{BoundCounter, BoundUpDownCounter, Counter, Gauge, Histogram, Meter, UpDownCounter};
 use opentelemetry::KeyValue;
 
 use crate::protocol::ChannelType;
@@ -59,6 +59,8 @@ pub struct AppAttrs {
     /// attribute set on every call, which callgrind put at 78% of a delivery's user-space
     /// instructions (docs/PROFILING.md). Bound, an add is an atomic increment.
     hot: Option<HotCounters>,
+    /// The cache-channel instruments bound to `base`, handed to the app's channel state.
+    cache: Option<CacheMeter>,
     channel: [Vec<KeyValue>; 5],
     errors: [Vec<KeyValue>; 10],
     latency: [[Vec<KeyValue>; 5]; 5],
@@ -72,6 +74,28 @@ struct HotCounters {
     bytes_sent: BoundCounter<u64>,
     messages_received: BoundCounter<u64>,
     bytes_received: BoundCounter<u64>,
+}
+
+/// An app's cache-channel instruments, bound to its base attributes: the bytes its stored last
+/// events hold (`cache_channel_bytes`) and the events evicted or refused to keep within the byte
+/// bounds (`cache_channel_evictions_total`). Cloned into the app's channel state, which records
+/// each store, expiry and eviction as one call after releasing its lock.
+#[derive(Clone)]
+pub struct CacheMeter {
+    bytes: BoundUpDownCounter<i64>,
+    evictions: BoundCounter<u64>,
+}
+
+impl CacheMeter {
+    /// Applies a change of the app's stored bytes and counts evicted (or refused) events.
+    pub fn record(&self, bytes_delta: i64, evicted: u64) {
+        if bytes_delta != 0 {
+            self.bytes.add(bytes_delta);
+        }
+        if evicted > 0 {
+            self.evictions.add(evicted);
+        }
+    }
 }
 
 /// `port` and `adapter` of the adapter gauges.
@@ -111,6 +135,8 @@ pub struct Metrics {
     channel_subscriptions: Counter<u64>,
     channel_unsubscriptions: Counter<u64>,
     active_channels: UpDownCounter<i64>,
+    cache_channel_bytes: UpDownCounter<i64>,
+    cache_channel_evictions: Counter<u64>,
     rate_limit_checks: Counter<u64>,
     rate_limit_triggered: Counter<u64>,
     broadcast_latency: Histogram<f64>,
@@ -155,6 +181,15 @@ impl Metrics {
             channel_subscriptions: counter("channel_subscriptions_total", "Successful subscriptions"),
             channel_unsubscriptions: counter("channel_unsubscriptions_total", "Subscriptions that ended"),
             active_channels: gauge("active_channels", "Channels with at least one subscriber on this node"),
+            cache_channel_bytes: meter
+                .i64_up_down_counter("cache_channel_bytes")
+                .with_description("Bytes held for cache channels' last events (frame plus channel name)")
+                .with_unit("By")
+                .build(),
+            cache_channel_evictions: counter(
+                "cache_channel_evictions_total",
+                "Last events evicted or not stored to keep the cache within its byte bounds",
+            ),
             rate_limit_checks: counter("rate_limit_checks_total", "Rate-limit decisions taken"),
             rate_limit_triggered: counter("rate_limit_triggered_total", "Rate-limit decisions that refused"),
             broadcast_latency: meter
@@ -207,6 +242,10 @@ impl Metrics {
     pub fn app_attrs(&self, app_id: &str) -> AppAttrs {
         let mut attrs = AppAttrs::build(self.port, app_id);
         attrs.hot = Some(self.bind_hot(&attrs.base));
+        attrs.cache = Some(CacheMeter {
+            bytes: self.cache_channel_bytes.bind(&attrs.base),
+            evictions: self.cache_channel_evictions.bind(&attrs.base),
+        });
         self.register_app(&attrs);
         attrs
     }
@@ -248,6 +287,7 @@ impl Metrics {
 
     fn register_app(&self, a: &AppAttrs) {
         self.connected.add(0, &a.base);
+        self.cache_channel_bytes.add(0, &a.base);
         for c in [
             &self.new_connections,
             &self.new_disconnections,
@@ -263,6 +303,7 @@ impl Metrics {
             &self.adapter_sent_requests,
             &self.adapter_received_requests,
             &self.adapter_received_responses,
+            &self.cache_channel_evictions,
         ] {
             c.add(0, &a.base);
         }
@@ -401,6 +442,11 @@ impl Metrics {
 }
 
 impl AppAttrs {
+    /// The app's cache-channel instruments (`None` for `unknown`, which stores no events).
+    pub fn cache_meter(&self) -> Option<CacheMeter> {
+        self.cache.clone()
+    }
+
     fn build(port: u16, app_id: &str) -> Self {
         let base = vec![KeyValue::new("app_id", app_id.to_owned()), KeyValue::new("port", port as i64)];
         let with = |extra: &[KeyValue]| {
@@ -420,6 +466,6 @@ impl AppAttrs {
             with(&[KeyValue::new("limiter_type", kind), KeyValue::new("request_context", ctx)])
         });
         let webhooks = WEBHOOK_OUTCOMES.map(|o| with(&[KeyValue::new("outcome", o)]));
-        Self { base, hot: None, channel, errors, latency, limiter, webhooks }
+        Self { base, hot: None, cache: None, channel, errors, latency, limiter, webhooks }
     }
 }

@@ -7,7 +7,7 @@ pub mod metrics;
 mod otlp;
 pub mod trace;
 
-pub use metrics::{AppAttrs, Limiter, Metrics, WebhookOutcome};
+pub use metrics::{AppAttrs, CacheMeter, Limiter, Metrics, WebhookOutcome};
 
 use std::sync::Arc;
 use std::time::Duration;

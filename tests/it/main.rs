@@ -6,6 +6,7 @@
 mod api;
 mod api_signing;
 mod apps_sql;
+mod cache_bounds;
 mod clients;
 mod cluster;
 mod config;

@@ -50,6 +50,9 @@ METRICS = {
     "sockudo_horizontal_adapter_connected": ("gauge", ["port", "adapter"]),
     "sockudo_horizontal_adapter_nodes": ("gauge", ["port", "adapter"]),
     "sockudo_webhooks_total": ("counter", ["app_id", "port", "outcome"]),
+    # 1.6 metrics added so far
+    "sockudo_cache_channel_bytes": ("gauge", ["app_id", "port"]),
+    "sockudo_cache_channel_evictions_total": ("counter", ["app_id", "port"]),
     "process_resident_memory_bytes": ("gauge", []),
     "process_cpu_seconds_total": ("counter", []),
     "process_open_fds": ("gauge", []),
