@@ -15,8 +15,6 @@ use crate::support::*;
 const NOT_YET_EMITTED: &[(&str, &str)] = &[
     ("sockudo_http_server_request_duration_seconds", "issue 17"),
     ("sockudo_socket_send_queue_bytes", "issue 17"),
-    ("sockudo_cache_channel_bytes", "issue 13, defect 4"),
-    ("sockudo_cache_channel_evictions_total", "issue 13, defect 4"),
     ("sockudo_webhook_queue_events", "issue 13, defect 11"),
     ("sockudo_horizontal_adapter_dropped_total", "issues 14 and 17"),
     ("sockudo_telemetry_export_failures_total", "issue 17"),
