@@ -343,6 +343,14 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Whether `user` may join `channel` under a cluster-wide limit of `max` members: it is a
+    /// member already (on some node), or there are fewer than `max` members on all nodes.
+    pub fn has_room(&self, app: &str, channel: &str, user: &str, max: usize) -> bool {
+        let p = lock(&self.presence);
+        p.get(&(app.to_owned(), channel.to_owned()))
+            .is_none_or(|m| m.get(user).is_some_and(|member| !member.nodes.is_empty()) || m.len() < max)
+    }
+
     pub fn user_count(&self, app: &str, channel: &str) -> usize {
         lock(&self.presence).get(&(app.to_owned(), channel.to_owned())).map_or(0, HashMap::len)
     }

@@ -273,7 +273,16 @@ impl Adapter {
     ) -> Result<Subscribed, SubscribeError> {
         let chans = self.registry.app(app);
         let joining = member.as_ref().map(|m| (m.user_id.clone(), m.user_info.get().to_owned()));
-        let mut outcome = chans.subscribe(channel, handle, member, app.settings.max_presence_members_per_channel)?;
+        let max_members = app.settings.max_presence_members_per_channel;
+        // The member limit holds for the cluster, on the replicated member state (a join on
+        // two nodes within one propagation delay can still pass both: the state is eventually
+        // consistent, not a lock).
+        if let (Some(cluster), Some((user, _))) = (&self.cluster, &joining) {
+            if !cluster.has_room(&app.id, channel.as_str(), user, max_members) {
+                return Err(SubscribeError::PresenceFull(max_members));
+            }
+        }
+        let mut outcome = chans.subscribe(channel, handle, member, max_members)?;
         if let (Some(cluster), true) = (&self.cluster, channel.kind() == ChannelKind::Presence) {
             if let (Some((user, info)), true) = (&joining, outcome.member_added) {
                 outcome.member_added = cluster.join(&cluster.node, &app.id, channel.as_str(), user, info);

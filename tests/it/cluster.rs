@@ -35,8 +35,13 @@ impl Broker {
 
     /// A node on this broker under `prefix`.
     async fn node(&self, prefix: &str) -> TestServer {
+        self.node_with(prefix, |_| {}).await
+    }
+
+    async fn node_with(&self, prefix: &str, f: impl FnOnce(&mut sockudo::config::Config)) -> TestServer {
         let (broker, prefix) = (self.clone(), prefix.to_owned());
         TestServer::start_with(move |c| {
+            f(c);
             c.adapter.request_timeout_ms = 500;
             c.adapter.node_timeout_ms = 2000;
             match broker {
@@ -57,10 +62,15 @@ impl Broker {
 
     /// `n` nodes that see each other.
     async fn cluster(&self, n: usize) -> Vec<TestServer> {
+        self.cluster_with(n, |_| {}).await
+    }
+
+    /// `n` nodes that see each other, each configured by `f` too.
+    async fn cluster_with(&self, n: usize, f: impl Fn(&mut sockudo::config::Config)) -> Vec<TestServer> {
         let prefix = format!("it-{}-{}", std::process::id(), fastrand::u64(..));
         let mut nodes = Vec::new();
         for _ in 0..n {
-            nodes.push(self.node(&prefix).await);
+            nodes.push(self.node_with(&prefix, &f).await);
         }
         for node in &nodes {
             let adapter = self.name();
@@ -152,6 +162,42 @@ async fn presence_is_cluster_wide_and_once_per_user(broker: Broker) {
     nodes[1].publish("presence-room", "marker-2", "x").await;
     assert_eq!(alice.next().await["event"], "marker-2", "member_removed arrives once");
     stop_all(nodes).await;
+}
+
+/// `max_presence_members_per_channel` holds for the cluster: with a limit of 1, a second user
+/// joining on another node is refused (`LimitReached`), while the first user's second socket
+/// there is not a new member and joins.
+async fn presence_limit_is_cluster_wide(broker: Broker) {
+    let nodes = broker.cluster_with(2, |c| c.app_manager.array.apps[0].max_presence_members_per_channel = 1).await;
+    let mut alice = nodes[0].client().await;
+    alice.subscribe_presence("presence-one", "alice").await;
+    let known = eventually(WAIT, || async {
+        let (_, users) = nodes[1].api("GET", "/channels/presence-one/users", &[], None).await;
+        users["users"].as_array().is_some_and(|u| u.len() == 1)
+    })
+    .await;
+    assert!(known, "node 2 never learnt of alice");
+    let mut bob = nodes[1].client().await;
+    let data_bob = json!({"user_id": "bob", "user_info": {}}).to_string();
+    let auth = bob.auth(SECRET, "presence-one", Some(&data_bob));
+    bob.send(json!({"event": "pusher:subscribe", "data": {"channel": "presence-one", "auth": auth, "channel_data": data_bob}}))
+        .await;
+    let refused = bob.expect_for("pusher:subscription_error", "presence-one").await;
+    assert_eq!(data(&refused)["type"], "LimitReached", "{refused}");
+    let mut alice2 = nodes[1].client().await;
+    let ok = alice2.subscribe_presence("presence-one", "alice").await;
+    assert_eq!(data(&ok)["presence"]["count"], 1, "{ok}");
+    stop_all(nodes).await;
+}
+
+#[tokio::test]
+async fn redis_presence_limit() {
+    presence_limit_is_cluster_wide(Broker::redis()).await;
+}
+
+#[tokio::test]
+async fn nats_presence_limit() {
+    presence_limit_is_cluster_wide(Broker::nats()).await;
 }
 
 async fn cache_counts_and_channel_queries_are_shared(broker: Broker) {
