@@ -38,6 +38,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("sockudo_horizontal_adapter_connected", "gauge", &["port", "adapter"]),
     ("sockudo_horizontal_adapter_nodes", "gauge", &["port", "adapter"]),
     ("sockudo_webhooks_total", "counter", &["app_id", "port", "outcome"]),
+    ("sockudo_webhook_queue_events", "gauge", &["app_id", "port"]),
     ("process_resident_memory_bytes", "gauge", &[]),
     ("process_cpu_seconds_total", "counter", &[]),
     ("process_open_fds", "gauge", &[]),

@@ -50,6 +50,8 @@ METRICS = {
     "sockudo_horizontal_adapter_connected": ("gauge", ["port", "adapter"]),
     "sockudo_horizontal_adapter_nodes": ("gauge", ["port", "adapter"]),
     "sockudo_webhooks_total": ("counter", ["app_id", "port", "outcome"]),
+    # 1.6 added in the second release
+    "sockudo_webhook_queue_events": ("gauge", ["app_id", "port"]),
     "process_resident_memory_bytes": ("gauge", []),
     "process_cpu_seconds_total": ("counter", []),
     "process_open_fds": ("gauge", []),
