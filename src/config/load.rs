@@ -255,7 +255,7 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
 fn check_ranges(c: &Config) -> Result<(), ConfigError> {
     use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
     let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
-    let table: [(&str, u64, u64); 24] = [
+    let table: [(&str, u64, u64); 27] = [
         ("activity_timeout", c.activity_timeout, MAX_SECONDS),
         ("pong_timeout", c.pong_timeout, MAX_SECONDS),
         ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
@@ -275,7 +275,10 @@ fn check_ranges(c: &Config) -> Result<(), ConfigError> {
         ("adapter.node_timeout_ms", a.node_timeout_ms, MAX_MILLIS),
         ("webhooks.batch_ms", w.batch_ms, MAX_MILLIS),
         ("webhooks.queue_size", w.queue_size as u64, MAX_COUNT),
+        ("webhooks.max_queue_events_per_app", w.max_queue_events_per_app as u64, MAX_COUNT),
+        ("webhooks.max_queue_kb_per_app", w.max_queue_kb_per_app as u64, MAX_KB),
         ("webhooks.workers", w.workers as u64, 10_000),
+        ("webhooks.max_in_flight_per_app", w.max_in_flight_per_app as u64, 10_000),
         ("webhooks.timeout_ms", w.timeout_ms, MAX_MILLIS),
         ("webhooks.max_retry_seconds", w.max_retry_seconds, MAX_SECONDS),
         ("otel.metric_export_interval_ms", o.metric_export_interval_ms, MAX_MILLIS),
@@ -473,6 +476,16 @@ mod tests {
                 assert_eq!(validate(&c).unwrap_err().key, format!("cache.{key}"), "{key} = {bad}");
             }
         }
+    }
+
+    #[test]
+    fn per_app_webhook_shares_are_range_checked() {
+        let mut c = load(None, &HashMap::new()).unwrap();
+        c.webhooks.max_in_flight_per_app = 10_001;
+        assert_eq!(c.validate().unwrap_err().key, "webhooks.max_in_flight_per_app");
+        c.webhooks.max_in_flight_per_app = 2;
+        c.webhooks.max_queue_kb_per_app = usize::MAX;
+        assert_eq!(c.validate().unwrap_err().key, "webhooks.max_queue_kb_per_app");
     }
 
     #[test]

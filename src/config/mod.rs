@@ -388,8 +388,18 @@ pub struct WebhooksConfig {
     pub batch_ms: u64,
     /// Events waiting to be sent, across apps; beyond it new events are dropped and counted.
     pub queue_size: usize,
+    /// Events of one app waiting to be sent (queued, batching, in flight or waiting to be
+    /// retried); beyond it that app's new events are dropped and counted, so that one app
+    /// cannot fill `queue_size` for the others.
+    pub max_queue_events_per_app: usize,
+    /// The same share in bytes of serialised events, in KiB (one event larger than it is still
+    /// accepted when the app has nothing else queued).
+    pub max_queue_kb_per_app: usize,
     /// Concurrent senders.
     pub workers: usize,
+    /// Requests of one app in flight at once (at most `workers`): a receiver that never
+    /// answers holds this many senders, and the others keep serving the other apps.
+    pub max_in_flight_per_app: usize,
     /// Timeout of one request.
     pub timeout_ms: u64,
     /// 5xx, timeouts and connection errors are retried with backoff for up to this long.
@@ -398,7 +408,16 @@ pub struct WebhooksConfig {
 
 impl Default for WebhooksConfig {
     fn default() -> Self {
-        Self { batch_ms: 50, queue_size: 10_000, workers: 4, timeout_ms: 5_000, max_retry_seconds: 300 }
+        Self {
+            batch_ms: 50,
+            queue_size: 10_000,
+            max_queue_events_per_app: 1_000,
+            max_queue_kb_per_app: 1_024,
+            workers: 4,
+            max_in_flight_per_app: 2,
+            timeout_ms: 5_000,
+            max_retry_seconds: 300,
+        }
     }
 }
 

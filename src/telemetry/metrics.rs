@@ -147,6 +147,7 @@ pub struct Metrics {
     adapter_received_requests: Counter<u64>,
     adapter_received_responses: Counter<u64>,
     webhooks: Counter<u64>,
+    webhook_queue: UpDownCounter<i64>,
     build_info: Gauge<u64>,
     adapter_connected: Gauge<i64>,
     adapter_nodes: Gauge<i64>,
@@ -219,6 +220,11 @@ impl Metrics {
             ),
             adapter_received_responses: counter("horizontal_adapter_received_responses", "Answers this node received"),
             webhooks: counter("webhooks_total", "Webhook deliveries by outcome"),
+            webhook_queue: meter
+                .i64_up_down_counter("webhook_queue_events")
+                .with_description("Webhook events waiting to be sent (this node's view of the queue)")
+                .with_unit("{event}")
+                .build(),
             build_info: meter.u64_gauge("build_info").with_description("The running version").build(),
             adapter_connected: meter
                 .i64_gauge("horizontal_adapter_connected")
@@ -288,6 +294,7 @@ impl Metrics {
     fn register_app(&self, a: &AppAttrs) {
         self.connected.add(0, &a.base);
         self.cache_channel_bytes.add(0, &a.base);
+        self.webhook_queue.add(0, &a.base);
         for c in [
             &self.new_connections,
             &self.new_disconnections,
@@ -422,6 +429,16 @@ impl Metrics {
     /// An answer this node received for one of its queries.
     pub fn adapter_response(&self, a: &AppAttrs) {
         self.adapter_received_responses.add(1, &a.base);
+    }
+
+    /// Webhook events of the app accepted into the queue.
+    pub fn webhooks_queued(&self, a: &AppAttrs, events: usize) {
+        self.webhook_queue.add(events as i64, &a.base);
+    }
+
+    /// Webhook events of the app that left the queue: delivered or given up.
+    pub fn webhooks_unqueued(&self, a: &AppAttrs, events: usize) {
+        self.webhook_queue.add(-(events as i64), &a.base);
     }
 
     /// A webhook delivery outcome.

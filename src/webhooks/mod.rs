@@ -3,13 +3,22 @@
 //!
 //! [`Webhooks::emit`] is called by the adapter on socket and API paths, so it is synchronous and
 //! never waits: it filters by each URL's `event_types` and `try_send`s into one bounded queue.
-//! Beyond `webhooks.queue_size` events (queued, batching, in flight or waiting to be retried)
-//! new events are dropped and counted (`webhooks_total{outcome="dropped"}`). One batcher task
-//! groups events by app and URL for `batch_ms` and hands each batch to a delivery task
-//! ([`sender`]); at most `workers` requests are in flight, and a batch waiting for its next
-//! retry holds no worker. On shutdown the queue stops accepting, the batcher flushes
-//! everything, retries still waiting are tried once more, and whatever has not finished by the
-//! deadline is given up (counted `failed`).
+//! An event (queued, batching, in flight or waiting to be retried) holds a place under two
+//! bounds: the node's `webhooks.queue_size` events, and its app's [`Share`] of
+//! `max_queue_events_per_app` events and `max_queue_kb_per_app` KiB of serialised events.
+//! Beyond either, new events are dropped and counted for their app
+//! (`webhooks_total{outcome="dropped"}`); `webhook_queue_events` shows each app's depth. Clients
+//! without credentials can cause `channel_occupied`/`channel_vacated` at will, and an app whose
+//! receiver never answers keeps its events for minutes of retries: the per-app bound keeps such
+//! an app from filling the queue for the others.
+//!
+//! One batcher task groups events by app and URL for `batch_ms` and hands each batch to a
+//! delivery task ([`sender`]). A request needs its app's permit (`max_in_flight_per_app`) and
+//! then one of the `workers` permits ([`permits`]), so a hung receiver holds at most its app's
+//! share of the workers, and apps take turns for the rest; a batch waiting for its next retry
+//! holds neither. On shutdown the queue stops accepting, the batcher flushes everything,
+//! retries still waiting are tried once more, and whatever has not finished by the deadline is
+//! given up (counted `failed`).
 //!
 //! The config file's webhooks are checked at startup ([`validate`], exit 64 on error); each
 //! app's webhooks are compiled on first use and again when the app is replaced (apps from a
@@ -26,7 +35,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -64,14 +73,86 @@ struct AppHooks {
     /// Union of the targets' masks: one test answers "does anyone want this?".
     mask: u8,
     targets: Vec<Arc<Target>>,
+    /// The app's share of the queue and senders; carried over when the app is compiled again,
+    /// so that a replaced `App` does not get a second share while its old events are pending.
+    share: Arc<Share>,
+}
+
+/// One app's share of the queue and of the senders.
+pub(crate) struct Share {
+    /// Events of this app holding a place ([`Held`]), under `max_queue_events_per_app`.
+    events: AtomicUsize,
+    /// Their serialised size, under `max_queue_kb_per_app`.
+    bytes: AtomicUsize,
+    /// One per request of this app in flight: `max_in_flight_per_app`, at most `workers`.
+    in_flight: Semaphore,
+}
+
+impl Share {
+    fn new(in_flight: usize) -> Self {
+        Self { events: AtomicUsize::new(0), bytes: AtomicUsize::new(0), in_flight: Semaphore::new(in_flight) }
+    }
+
+    /// Takes a place for one event of `bytes`, or refuses when the share is full. An event
+    /// larger than the whole byte share is taken when the app holds nothing else, so that it
+    /// can still be delivered alone (its size is bounded by the message limits).
+    fn take(&self, bytes: usize, max_events: usize, max_bytes: usize) -> bool {
+        let events =
+            self.events.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_events).then_some(n + 1));
+        if events.is_err() {
+            return false;
+        }
+        let fits = |n: usize| (n == 0 || n.saturating_add(bytes) <= max_bytes).then_some(n + bytes);
+        if self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_err() {
+            self.events.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, events: usize, bytes: usize) {
+        self.events.fetch_sub(events, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The places some events of one app hold under the node's and their app's bounds, from
+/// admission until they are delivered or given up, and their part of the queue gauge. Given
+/// back on drop, so that however the batcher or a delivery task ends (even aborted or by a
+/// panic) nothing stays counted.
+pub(crate) struct Held {
+    shared: Arc<Shared>,
+    share: Arc<Share>,
+    app: Arc<App>,
+    events: usize,
+    bytes: usize,
+}
+
+impl Held {
+    /// Takes over `other`'s places (an event joining a batch of the same app).
+    fn merge(&mut self, mut other: Held) {
+        self.events += std::mem::take(&mut other.events);
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.events == 0 {
+            return;
+        }
+        self.shared.pending.fetch_sub(self.events, Ordering::AcqRel);
+        self.share.give_back(self.events, self.bytes);
+        self.shared.metrics.webhooks_unqueued(&self.app.attrs, self.events);
+    }
 }
 
 /// An event on its way to one target.
 struct Queued {
-    app: Arc<App>,
     target: Arc<Target>,
     event: Arc<str>,
     traceparent: Option<Arc<str>>,
+    held: Held,
 }
 
 /// Where shutdown is.
@@ -85,9 +166,9 @@ enum Phase {
 }
 
 /// What delivery tasks share.
-struct Shared {
+pub(crate) struct Shared {
     client: reqwest::Client,
-    /// One per concurrent request (`webhooks.workers`).
+    /// One per concurrent request (`webhooks.workers`); taken after the app's own permit.
     workers: Semaphore,
     metrics: Arc<Metrics>,
     /// Events accepted and not yet delivered or given up, for the `queue_size` bound.
@@ -107,6 +188,10 @@ pub struct Webhooks {
     tx: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
     queue_size: usize,
+    /// An app's share: events, bytes and requests in flight.
+    app_events: usize,
+    app_bytes: usize,
+    app_in_flight: usize,
     accepting: AtomicBool,
     phase: watch::Sender<Phase>,
     batcher: Mutex<Option<JoinHandle<()>>>,
@@ -119,7 +204,13 @@ pub struct Webhooks {
 /// credential). Apps from a database are checked when first used instead (see [`Webhooks`]).
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
     let w = &config.webhooks;
-    for (key, value) in [("webhooks.queue_size", w.queue_size as u64), ("webhooks.workers", w.workers as u64)] {
+    for (key, value) in [
+        ("webhooks.queue_size", w.queue_size),
+        ("webhooks.max_queue_events_per_app", w.max_queue_events_per_app),
+        ("webhooks.max_queue_kb_per_app", w.max_queue_kb_per_app),
+        ("webhooks.workers", w.workers),
+        ("webhooks.max_in_flight_per_app", w.max_in_flight_per_app),
+    ] {
         if value == 0 {
             return Err(ConfigError::new(key, "must be at least 1"));
         }
@@ -213,6 +304,9 @@ impl Webhooks {
             tx,
             shared,
             queue_size: w.queue_size,
+            app_events: w.max_queue_events_per_app,
+            app_bytes: w.max_queue_kb_per_app.saturating_mul(1024),
+            app_in_flight: w.max_in_flight_per_app.min(w.workers),
             accepting: AtomicBool::new(true),
             phase: phase_tx,
             batcher: Mutex::new(Some(batcher)),
@@ -229,12 +323,12 @@ impl Webhooks {
         if let Some(h) = cached.filter(|h| std::ptr::eq(h.app.as_ptr(), Arc::as_ptr(app))) {
             return Some(h);
         }
-        let mut hooks = AppHooks { app: Arc::downgrade(app), mask: 0, targets: Vec::new() };
+        let (mut mask, mut targets) = (0, Vec::new());
         for (j, hook) in app.settings.webhooks.iter().enumerate() {
             match compile(hook, self.next_target.fetch_add(1, Ordering::Relaxed)) {
                 Ok(t) => {
-                    hooks.mask |= t.mask;
-                    hooks.targets.push(Arc::new(t));
+                    mask |= t.mask;
+                    targets.push(Arc::new(t));
                 }
                 // Only apps from a database get here: the config file's are checked at startup.
                 Err((field, message)) => tracing::warn!(
@@ -245,8 +339,13 @@ impl Webhooks {
                 ),
             }
         }
-        let hooks = Arc::new(hooks);
-        self.apps.write().unwrap_or_else(|p| p.into_inner()).insert(app.id.clone(), hooks.clone());
+        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
+        let share = match apps.get(&app.id) {
+            Some(old) => old.share.clone(),
+            None => Arc::new(Share::new(self.app_in_flight)),
+        };
+        let hooks = Arc::new(AppHooks { app: Arc::downgrade(app), mask, targets, share });
+        apps.insert(app.id.clone(), hooks.clone());
         Some(hooks)
     }
 
@@ -256,7 +355,8 @@ impl Webhooks {
     }
 
     /// Queues `event` for every webhook of `app` that wants it, with the current span's
-    /// `traceparent`. Never blocks: when the queue is full the event is dropped and counted.
+    /// `traceparent`. Never blocks: when the queue or the app's share of it is full the event
+    /// is dropped and counted.
     pub fn emit(&self, app: &Arc<App>, event: WebhookEvent) {
         let Some(hooks) = self.hooks(app) else { return };
         let bit = event.kind().bit();
@@ -264,40 +364,52 @@ impl Webhooks {
             return;
         }
         let json: Arc<str> = Arc::from(event.to_json());
+        // Its share of a request body: the event and a comma.
+        let bytes = json.len() + 1;
         let traceparent = crate::telemetry::trace::current_traceparent().map(Arc::<str>::from);
         for target in hooks.targets.iter().filter(|t| t.mask & bit != 0) {
-            let queued = Queued {
-                app: app.clone(),
-                target: target.clone(),
-                event: json.clone(),
-                traceparent: traceparent.clone(),
+            let held = match self.admit(&hooks.share, app, bytes) {
+                Ok(held) => held,
+                Err(why) => {
+                    self.drop_one(app, why);
+                    continue;
+                }
             };
-            if !self.admit() {
-                self.drop_one(app);
-            } else if self.tx.try_send(queued).is_err() {
-                // Only when the batcher has stopped: the channel holds at most `queue_size`.
-                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-                self.drop_one(app);
+            let queued = Queued { target: target.clone(), event: json.clone(), traceparent: traceparent.clone(), held };
+            if self.tx.try_send(queued).is_err() {
+                // Only when the batcher has stopped (the channel holds at most `queue_size`);
+                // the returned event gives its places back as it drops.
+                self.drop_one(app, "closed");
             }
         }
     }
 
-    /// Takes a place under `queue_size` (released when the event is delivered or given up).
-    fn admit(&self) -> bool {
+    /// Takes a place for one event of `bytes` under the app's share and then under
+    /// `queue_size`; the [`Held`] gives both back when the event is delivered or given up.
+    fn admit(&self, share: &Arc<Share>, app: &Arc<App>, bytes: usize) -> Result<Held, &'static str> {
         if !self.accepting.load(Ordering::Acquire) {
-            return false;
+            return Err("closed");
         }
-        self.shared
+        if !share.take(bytes, self.app_events, self.app_bytes) {
+            return Err("app_share_full");
+        }
+        let node = self
+            .shared
             .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.queue_size).then_some(n + 1))
-            .is_ok()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.queue_size).then_some(n + 1));
+        if node.is_err() {
+            share.give_back(1, bytes);
+            return Err("queue_full");
+        }
+        self.shared.metrics.webhooks_queued(&app.attrs, 1);
+        Ok(Held { shared: self.shared.clone(), share: share.clone(), app: app.clone(), events: 1, bytes })
     }
 
-    fn drop_one(&self, app: &App) {
+    fn drop_one(&self, app: &App, why: &'static str) {
         self.shared.metrics.webhook(&app.attrs, WebhookOutcome::Dropped);
         let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            tracing::warn!(app_id = %app.id, dropped = n, "webhook queue full or closed; events dropped");
+            tracing::warn!(app_id = %app.id, reason = why, dropped = n, "webhook events dropped");
         }
     }
 
@@ -331,15 +443,29 @@ fn unix_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// A request's permits: its app's first, then a worker. An app with `max_in_flight_per_app`
+/// requests out waits on its own semaphore holding no worker, so the workers' (first come,
+/// first served) queue holds at most that many requests of each app: a freed worker goes to the
+/// app that has waited longest, apps take turns, and none waits behind another's backlog.
+/// `None` only if a semaphore were closed, which none is.
+pub(crate) async fn permits<'a>(
+    workers: &'a Semaphore,
+    app: &'a Semaphore,
+) -> Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)> {
+    let own = app.acquire().await.ok()?;
+    let worker = workers.acquire().await.ok()?;
+    Some((own, worker))
+}
+
 /// Events of one app and target waiting for their window to end.
 struct Batch {
-    app: Arc<App>,
     target: Arc<Target>,
     events: Vec<Arc<str>>,
-    bytes: usize,
     /// The first traced event's context: the request continues that trace.
     traceparent: Option<Arc<str>>,
     due: Instant,
+    /// The events' places; `held.bytes` is the body's size, roughly.
+    held: Held,
 }
 
 /// Groups queued events by target for `window`, then hands each batch to a delivery task.
@@ -380,21 +506,27 @@ async fn batch(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>, window: Dura
 }
 
 fn add(batches: &mut HashMap<usize, Batch>, q: Queued, window: Duration, shared: &Arc<Shared>) {
-    let b = batches.entry(q.target.id).or_insert_with(|| Batch {
-        app: q.app.clone(),
-        target: q.target.clone(),
-        events: Vec::new(),
-        bytes: 0,
-        traceparent: None,
-        due: Instant::now() + window,
-    });
-    b.bytes += q.event.len() + 1;
-    b.events.push(q.event);
-    if b.traceparent.is_none() {
-        b.traceparent = q.traceparent;
-    }
-    if b.events.len() >= MAX_BATCH_EVENTS || b.bytes >= MAX_BATCH_BYTES {
-        if let Some(full) = batches.remove(&q.target.id) {
+    let id = q.target.id;
+    let b = match batches.entry(id) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            let b = e.into_mut();
+            b.held.merge(q.held);
+            b.events.push(q.event);
+            if b.traceparent.is_none() {
+                b.traceparent = q.traceparent;
+            }
+            b
+        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Batch {
+            target: q.target,
+            events: vec![q.event],
+            traceparent: q.traceparent,
+            due: Instant::now() + window,
+            held: q.held,
+        }),
+    };
+    if b.events.len() >= MAX_BATCH_EVENTS || b.held.bytes >= MAX_BATCH_BYTES {
+        if let Some(full) = batches.remove(&id) {
             flush(full, shared);
         }
     }
@@ -402,7 +534,7 @@ fn add(batches: &mut HashMap<usize, Batch>, q: Queued, window: Duration, shared:
 
 /// Serialises and signs the batch once (retries resend the same bytes) and starts its delivery.
 fn flush(b: Batch, shared: &Arc<Shared>) {
-    let mut body = String::with_capacity(b.bytes + 32);
+    let mut body = String::with_capacity(b.held.bytes + 32);
     body.push_str("{\"time_ms\":");
     body.push_str(&unix_millis().to_string());
     body.push_str(",\"events\":[");
@@ -413,14 +545,13 @@ fn flush(b: Batch, shared: &Arc<Shared>) {
         body.push_str(e);
     }
     body.push_str("]}");
-    let signature = crate::auth::sign(b.app.secret(), &body);
+    let signature = crate::auth::sign(b.held.app.secret(), &body);
     let job = sender::Job {
-        app: b.app,
         target: b.target,
         body: bytes::Bytes::from(body),
         signature,
-        events: b.events.len(),
         traceparent: b.traceparent,
+        held: b.held,
     };
     let token = shared.tasks.token();
     tokio::spawn(sender::deliver(shared.clone(), job, token));
@@ -471,6 +602,9 @@ mod tests {
         let mut c = config(vec![]);
         c.webhooks.workers = 0;
         assert_eq!(validate(&c).unwrap_err().key, "webhooks.workers");
+        c.webhooks.workers = 4;
+        c.webhooks.max_queue_kb_per_app = 0;
+        assert_eq!(validate(&c).unwrap_err().key, "webhooks.max_queue_kb_per_app");
     }
 
     #[test]
@@ -502,5 +636,95 @@ mod tests {
         // An invalid webhook from a database is skipped, not fatal.
         let bad = AppConfig { id: "b".into(), webhooks: vec![hook("not a url", &[])], ..AppConfig::default() };
         assert!(!webhooks.wants(&Arc::new(App::new(bad, &metrics)), EventKind::CacheMiss));
+    }
+
+    #[test]
+    fn a_share_bounds_events_and_bytes() {
+        let share = Share::new(1);
+        assert!(share.take(10, 3, 25) && share.take(10, 3, 25));
+        assert!(!share.take(10, 3, 25), "25 bytes hold two events of 10");
+        assert!(share.take(5, 3, 25));
+        assert!(!share.take(1, 3, 25), "3 events at most");
+        assert_eq!((share.events.load(Ordering::Acquire), share.bytes.load(Ordering::Acquire)), (3, 25));
+        share.give_back(3, 25);
+        // Alone, an event larger than the byte share still goes; nothing goes beside it.
+        assert!(share.take(100, 3, 25));
+        assert!(!share.take(1, 3, 25));
+        share.give_back(1, 100);
+        assert_eq!((share.events.load(Ordering::Acquire), share.bytes.load(Ordering::Acquire)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_app_share_drops_only_that_apps_events() {
+        use opentelemetry::metrics::MeterProvider as _;
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::default();
+        let metrics = Arc::new(Metrics::new(&provider.meter("test"), 0));
+        let mut c = Config::default();
+        c.webhooks.queue_size = 5;
+        c.webhooks.max_queue_events_per_app = 3;
+        let webhooks = Webhooks::start(&c, metrics.clone()).unwrap();
+        let app = |id: &str| {
+            let settings = AppConfig { id: id.into(), webhooks: vec![hook("http://h/", &[])], ..AppConfig::default() };
+            Arc::new(App::new(settings, &metrics))
+        };
+        let (a, b) = (app("a"), app("b"));
+        let (share_a, share_b) = (webhooks.hooks(&a).unwrap().share.clone(), webhooks.hooks(&b).unwrap().share.clone());
+        let mut held_a: Vec<Held> = (0..3).map(|_| webhooks.admit(&share_a, &a, 10).unwrap()).collect();
+        assert_eq!(webhooks.admit(&share_a, &a, 10).err(), Some("app_share_full"));
+        let held_b: Vec<Held> = (0..2).map(|_| webhooks.admit(&share_b, &b, 10).unwrap()).collect();
+        assert_eq!(webhooks.admit(&share_b, &b, 10).err(), Some("queue_full"), "the node's bound still holds");
+        assert_eq!(share_b.events.load(Ordering::Acquire), 2, "a refusal by the node gives the app's place back");
+        // Delivered or given up, an event's places come back: merged ones too.
+        let mut merged = held_a.pop().unwrap();
+        merged.merge(held_a.pop().unwrap());
+        assert_eq!((merged.events, merged.bytes), (2, 20));
+        drop(merged);
+        assert_eq!(share_a.events.load(Ordering::Acquire), 1);
+        assert_eq!(webhooks.shared.pending.load(Ordering::Acquire), 3);
+        assert!(webhooks.admit(&share_a, &a, 10).is_ok());
+        // A replaced app keeps its share.
+        let a2 = app("a");
+        assert!(Arc::ptr_eq(&webhooks.hooks(&a2).unwrap().share, &share_a));
+        drop((held_a, held_b));
+        assert_eq!(webhooks.shared.pending.load(Ordering::Acquire), 0);
+    }
+
+    /// Each app may have one request out; one worker. While app a's receiver hangs, b and c
+    /// queue for the worker, and a's second request queues behind its own first, holding no
+    /// worker: the worker goes b, c, then a.
+    #[tokio::test]
+    async fn apps_take_turns_for_the_workers() {
+        let workers = Arc::new(Semaphore::new(1));
+        let apps: Vec<Arc<Semaphore>> = (0..3).map(|_| Arc::new(Semaphore::new(1))).collect();
+        let (got_tx, mut got) = mpsc::unbounded_channel();
+        let mut release = Vec::new();
+        for (name, app) in [("a1", 0), ("a2", 0), ("b", 1), ("c", 2)] {
+            let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+            release.push(done_tx);
+            let (workers, app, got_tx) = (workers.clone(), apps[app].clone(), got_tx.clone());
+            tokio::spawn(async move {
+                let _p = permits(&workers, &app).await;
+                got_tx.send(name).unwrap();
+                let _ = done.await;
+            });
+            // Let it reach its place in the semaphores' queues.
+            for _ in 0..5 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(got.recv().await, Some("a1"));
+        assert!(got.try_recv().is_err(), "a1 holds the worker");
+        let mut order = Vec::new();
+        let mut release: std::collections::VecDeque<_> = release.into();
+        let mut holder = release.pop_front().unwrap();
+        let mut rest: HashMap<&str, tokio::sync::oneshot::Sender<()>> =
+            ["a2", "b", "c"].into_iter().zip(release).collect();
+        for _ in 0..3 {
+            let _ = holder.send(());
+            let next = got.recv().await.unwrap();
+            order.push(next);
+            holder = rest.remove(next).unwrap();
+        }
+        assert_eq!(order, ["b", "c", "a2"]);
     }
 }

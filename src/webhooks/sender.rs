@@ -1,13 +1,14 @@
-//! Delivery of one batch: POST it under a worker permit, and retry 5xx answers, timeouts and
-//! connection errors with exponential backoff and jitter for up to `webhooks.max_retry_seconds`
-//! (counting each retry). Any other answer is final: 2xx is `delivered`, the rest `failed`.
-//! A batch waiting for its next attempt holds no permit, so a dead receiver cannot occupy the
-//! workers beyond one request timeout per attempt.
+//! Delivery of one batch: POST it under its app's permit and a worker permit
+//! ([`super::permits`]), and retry 5xx answers, timeouts and connection errors with exponential
+//! backoff and jitter for up to `webhooks.max_retry_seconds` (counting each retry). Any other
+//! answer is final: 2xx is `delivered`, the rest `failed`. A batch waiting for its next attempt
+//! holds no permit, and a dead receiver holds at most `max_in_flight_per_app` workers, for one
+//! request timeout per attempt. The batch's places in the queue bounds ([`Held`]) are given
+//! back when the job is dropped, however the task ends.
 //!
 //! Every attempt is a `webhook.send` client span, child of the trace the first event of the
 //! batch happened in, and the request carries that span's `traceparent`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::{Phase, Shared, Target};
-use crate::app::App;
+use super::{Held, Phase, Shared, Target};
 use crate::shutdown::TaskToken;
 use crate::telemetry::trace::{continue_from, current_traceparent};
 use crate::telemetry::WebhookOutcome;
@@ -32,12 +32,12 @@ const MAX_RESPONSE_READ: usize = 64 * 1024;
 
 /// A signed batch for one target.
 pub(crate) struct Job {
-    pub app: Arc<App>,
     pub target: Arc<Target>,
     pub body: Bytes,
     pub signature: String,
-    pub events: usize,
     pub traceparent: Option<Arc<str>>,
+    /// The events' places under the queue bounds, and their app.
+    pub held: Held,
 }
 
 /// How one attempt went.
@@ -64,7 +64,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) {
         let why = match result {
             Attempt::Delivered => break WebhookOutcome::Delivered,
             Attempt::Refused(status) => {
-                tracing::warn!(app_id = %job.app.id, url = %job.target.shown, status, attempt, "webhook refused by the receiver; not retried");
+                tracing::warn!(app_id = %job.held.app.id, url = %job.target.shown, status, attempt, "webhook refused by the receiver; not retried");
                 break WebhookOutcome::Failed;
             }
             Attempt::Retry(why) => why,
@@ -73,30 +73,29 @@ pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) {
         backoff = (backoff * 2).min(MAX_BACKOFF);
         // While shutting down a batch gets one more attempt, made at once.
         if draining || started.elapsed() + delay > shared.max_retry {
-            tracing::warn!(app_id = %job.app.id, url = %job.target.shown, error = %why, attempt, "webhook delivery failed; giving up");
+            tracing::warn!(app_id = %job.held.app.id, url = %job.target.shown, error = %why, attempt, "webhook delivery failed; giving up");
             break WebhookOutcome::Failed;
         }
-        tracing::debug!(app_id = %job.app.id, url = %job.target.shown, error = %why, attempt, delay_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
-        shared.metrics.webhook(&job.app.attrs, WebhookOutcome::Retried);
+        tracing::debug!(app_id = %job.held.app.id, url = %job.target.shown, error = %why, attempt, delay_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
+        shared.metrics.webhook(&job.held.app.attrs, WebhookOutcome::Retried);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = phase.wait_for(|p| *p != Phase::Running) => {}
         }
         attempt += 1;
     };
-    shared.metrics.webhook(&job.app.attrs, outcome);
-    shared.pending.fetch_sub(job.events, Ordering::AcqRel);
+    shared.metrics.webhook(&job.held.app.attrs, outcome);
+    // Dropping `job` gives its places back.
 }
 
-/// One POST under a worker permit, as a `webhook.send` span.
+/// One POST under the app's and a worker's permit, as a `webhook.send` span.
 async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
-    // The semaphore is never closed.
-    let _permit = shared.workers.acquire().await.ok();
+    let _permits = super::permits(&shared.workers, &job.held.share.in_flight).await;
     let span = tracing::info_span!(
         "webhook.send",
         otel.kind = "client",
         otel.status_code = Empty,
-        sockudo.app_id = %job.app.id,
+        sockudo.app_id = %job.held.app.id,
         url.full = %job.target.shown,
         http.request.method = "POST",
         http.response.status_code = Empty,
@@ -109,7 +108,7 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         .post(job.target.url.clone())
         .headers(job.target.headers.clone())
         .header(CONTENT_TYPE, "application/json")
-        .header("X-Pusher-Key", job.app.key.as_str())
+        .header("X-Pusher-Key", job.held.app.key.as_str())
         .header("X-Pusher-Signature", job.signature.as_str())
         .body(job.body.clone());
     if let Some(tp) = traceparent {

@@ -20,4 +20,5 @@ mod rate_limits;
 mod reliability;
 mod support;
 mod telemetry;
+mod webhook_fairness;
 mod webhooks;

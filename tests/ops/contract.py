@@ -53,6 +53,7 @@ METRICS = {
     # 1.6 metrics added so far
     "sockudo_cache_channel_bytes": ("gauge", ["app_id", "port"]),
     "sockudo_cache_channel_evictions_total": ("counter", ["app_id", "port"]),
+    "sockudo_webhook_queue_events": ("gauge", ["app_id", "port"]),
     "process_resident_memory_bytes": ("gauge", []),
     "process_cpu_seconds_total": ("counter", []),
     "process_open_fds": ("gauge", []),
@@ -67,7 +68,6 @@ METRICS = {
 NOT_YET_EMITTED = {
     "sockudo_http_server_request_duration_seconds": "issue 17",
     "sockudo_socket_send_queue_bytes": "issue 17",
-    "sockudo_webhook_queue_events": "issue 13, defect 11",
     "sockudo_horizontal_adapter_dropped_total": "issues 14 and 17",
     "sockudo_telemetry_export_failures_total": "issue 17",
     "sockudo_runtime_workers": "issue 17",
