@@ -302,6 +302,10 @@ def build():
         (f"sum by (outcome) (rate(sockudo_webhooks_total{{{S}}}[{RI}]))", "{{outcome}}"),
     ], unit="ops", stack=True,
         links=[{"title": "Webhook traces (Jaeger, Explore)", "url": explore_traces_url("webhook.send"), "targetBlank": False}]), 12, 8)
+    L.add(timeseries("Webhook queue by app", [
+        (f"sum by (app_id) (sockudo_webhook_queue_events{{{S}}})", "{{app_id}}"),
+    ], desc="Webhook events waiting to be sent (queued, batching, in flight or waiting to retry), each node's view; "
+            "an app is held to `webhooks.max_queue_events_per_app` and `max_queue_kb_per_app`, past which its new events are dropped."), 12, 8)
     L.add(stat("Build info", [(f"max by (instance, version) (sockudo_build_info{{{I}}})", "{{instance}}: {{version}}")],
                text_mode="name", desc="One tile per instance, named by the version it runs."), 12, 8)
 
