@@ -255,10 +255,13 @@ mod proof {
 
     /// B's subscribers on `channel`, B's events published through the signed API at ~200/s:
     /// returns (events lost, p99 delivery latency in ms).
-    async fn run_b(server: &Arc<TestServer>, channel: &str) -> (usize, f64) {
+    async fn run_b(nodes: &[Arc<TestServer>], channel: &str) -> (usize, f64) {
+        // Subscribers on the last node, publishes through the first: on two nodes every event
+        // crosses the broker.
+        let (server, sub_node) = (&nodes[0], &nodes[nodes.len() - 1]);
         let mut subs = Vec::new();
         for _ in 0..SUBSCRIBERS {
-            let mut c = server.client_of(B.1).await;
+            let mut c = sub_node.client_of(B.1).await;
             c.subscribe(channel).await;
             subs.push(c);
         }
@@ -352,29 +355,59 @@ mod proof {
         tasks
     }
 
+    /// `n` nodes with apps A and B (on Redis when there are several).
+    async fn nodes(n: usize, stuck: u16, hook_port: u16) -> Vec<Arc<TestServer>> {
+        let prefix = format!("it-iso-{}-{}", std::process::id(), fastrand::u64(..));
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let prefix = prefix.clone();
+            nodes.push(Arc::new(
+                TestServer::start_with(move |c| {
+                    c.app_manager.array.apps.push(app(A, format!("http://127.0.0.1:{stuck}/")));
+                    c.app_manager.array.apps.push(app(B, format!("http://127.0.0.1:{hook_port}/")));
+                    c.webhooks.batch_ms = 20;
+                    if n > 1 {
+                        c.adapter.driver = sockudo::config::AdapterDriver::Redis;
+                        c.adapter.redis.prefix = prefix;
+                        c.adapter.node_timeout_ms = 2000;
+                    }
+                })
+                .await,
+            ));
+        }
+        for node in &nodes {
+            let seen = eventually(Duration::from_secs(10), || async {
+                n == 1
+                    || node.metric("sockudo_horizontal_adapter_nodes", &[("adapter", "redis")]).await == Some(n as f64)
+            })
+            .await;
+            assert!(seen, "the nodes did not find each other");
+        }
+        nodes
+    }
+
     // Several threads: the attackers, B's clients and the server share this process, and on
     // one thread the attackers' own CPU would be measured as B's latency.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hostile_app_does_not_degrade_a_calm_one() {
+        // One after the other: run side by side, each would measure the other's attackers.
+        prove(1).await;
+        prove(2).await;
+    }
+
+    async fn prove(n: usize) {
         let stuck = black_hole().await;
         let (hook_port, hooks) = recorder().await;
-        let server = Arc::new(
-            TestServer::start_with(move |c| {
-                c.app_manager.array.apps.push(app(A, format!("http://127.0.0.1:{stuck}/")));
-                c.app_manager.array.apps.push(app(B, format!("http://127.0.0.1:{hook_port}/")));
-                c.webhooks.batch_ms = 20;
-            })
-            .await,
-        );
+        let nodes = nodes(n, stuck, hook_port).await;
         // Baseline: B alone.
-        let (lost_alone, p99_alone) = run_b(&server, "calm-alone").await;
+        let (lost_alone, p99_alone) = run_b(&nodes, "calm-alone").await;
         assert_eq!(lost_alone, 0);
-        // The same with A hostile meanwhile.
+        // The same with A hostile meanwhile, on every node.
         let stop = Arc::new(AtomicBool::new(false));
-        let tasks = hostile(&server, &stop);
+        let tasks: Vec<_> = nodes.iter().flat_map(|node| hostile(node, &stop)).collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
-        let (lost, p99) = run_b(&server, "calm-with-a").await;
+        let (lost, p99) = run_b(&nodes, "calm-with-a").await;
         let hostile_for = started.elapsed();
         stop.store(true, Ordering::Relaxed);
         let done = AtomicUsize::new(0);
@@ -382,13 +415,14 @@ mod proof {
             done.fetch_add(t.await.unwrap(), Ordering::Relaxed);
         }
         println!(
-            "isolation: B p99 {p99_alone:.2} ms alone, {p99:.2} ms with A ({} hostile operations in {:.1} s); lost {lost}",
+            "isolation ({n} node(s)): B p99 {p99_alone:.2} ms alone, {p99:.2} ms with A ({} hostile operations in {:.1} s); lost {lost}",
             done.load(Ordering::Relaxed),
             hostile_for.as_secs_f64()
         );
         assert_eq!(lost, 0, "B lost events while A was hostile");
-        // Generous, so that it is not flaky on a loaded 2-core machine: the figure is reported.
-        assert!(p99 <= p99_alone * 4.0 + 50.0, "B's p99 {p99:.2} ms against {p99_alone:.2} ms alone");
+        // Generous, so that it is not flaky on a loaded 2-core machine (the rest of the suite
+        // runs beside it): the figure is reported, and the README quotes a quiet run.
+        assert!(p99 <= p99_alone * 10.0 + 200.0, "B's p99 {p99:.2} ms against {p99_alone:.2} ms alone");
         // B's webhooks all arrive although A's receiver never answers.
         for (kind, channel) in [("channel_occupied", "calm-with-a"), ("channel_vacated", "calm-with-a")] {
             let arrived = eventually(Duration::from_secs(15), || {
@@ -399,7 +433,7 @@ mod proof {
             assert!(arrived, "B's {kind} webhook did not arrive");
         }
         // The node's memory stays bounded (the cache of A is capped at 64 MiB).
-        let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", server.metrics_port))
+        let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", nodes[0].metrics_port))
             .await
             .unwrap()
             .json()
@@ -408,6 +442,8 @@ mod proof {
         let rss = stats["rss_bytes"].as_u64().unwrap_or(0);
         println!("isolation: rss {} MiB", rss / (1 << 20));
         assert!(rss < 1 << 30, "rss {rss}");
-        Arc::try_unwrap(server).ok().expect("only this test holds the server").stop().await;
+        for node in nodes {
+            Arc::try_unwrap(node).ok().expect("only this test holds the server").stop().await;
+        }
     }
 }
