@@ -84,6 +84,17 @@ impl Broker {
     }
 }
 
+/// Presence changes travel asynchronously: waits until `node` lists `n` members of `channel`.
+async fn wait_for_members(node: &TestServer, channel: &str, n: usize) {
+    let path = format!("/channels/{channel}/users");
+    let known = eventually(WAIT, || async {
+        let (_, users) = node.api("GET", &path, &[], None).await;
+        users["users"].as_array().is_some_and(|u| u.len() == n)
+    })
+    .await;
+    assert!(known, "the node never listed {n} members of {channel}");
+}
+
 async fn stop_all(nodes: Vec<TestServer>) {
     for n in nodes {
         n.stop().await;
@@ -128,13 +139,7 @@ async fn presence_is_cluster_wide_and_once_per_user(broker: Broker) {
     let nodes = broker.cluster(2).await;
     let mut alice = nodes[0].client().await;
     alice.subscribe_presence("presence-room", "alice").await;
-    // Presence changes travel asynchronously; wait until the other node knows alice.
-    let known = eventually(WAIT, || async {
-        let (_, users) = nodes[1].api("GET", "/channels/presence-room/users", &[], None).await;
-        users["users"].as_array().is_some_and(|u| u.len() == 1)
-    })
-    .await;
-    assert!(known, "node 2 never learnt of alice");
+    wait_for_members(&nodes[1], "presence-room", 1).await;
     let mut bob1 = nodes[1].client().await;
     let ok = bob1.subscribe_presence("presence-room", "bob").await;
     let d = data(&ok);
@@ -171,12 +176,7 @@ async fn presence_limit_is_cluster_wide(broker: Broker) {
     let nodes = broker.cluster_with(2, |c| c.app_manager.array.apps[0].max_presence_members_per_channel = 1).await;
     let mut alice = nodes[0].client().await;
     alice.subscribe_presence("presence-one", "alice").await;
-    let known = eventually(WAIT, || async {
-        let (_, users) = nodes[1].api("GET", "/channels/presence-one/users", &[], None).await;
-        users["users"].as_array().is_some_and(|u| u.len() == 1)
-    })
-    .await;
-    assert!(known, "node 2 never learnt of alice");
+    wait_for_members(&nodes[1], "presence-one", 1).await;
     let mut bob = nodes[1].client().await;
     let data_bob = json!({"user_id": "bob", "user_info": {}}).to_string();
     let auth = bob.auth(SECRET, "presence-one", Some(&data_bob));
