@@ -113,7 +113,7 @@ impl AppCache {
     pub(super) fn fill(&mut self, settings: AppConfig, metrics: &Metrics, now: Instant, ttl: Duration) -> Arc<App> {
         let previous = self.live.get(&settings.id).and_then(Weak::upgrade);
         let app = match previous {
-            Some(old) if same_settings(&old.settings, &settings) => old,
+            Some(old) if old.settings == settings => old,
             Some(old) => {
                 let new = Arc::new(App::with_connections(settings, metrics, old.connections.clone()));
                 old.replace(super::Replaced::By(new.clone()));
@@ -223,14 +223,6 @@ impl AppCache {
             By::Key => self.by_key.len(),
             By::Id => self.by_id.len(),
         }
-    }
-}
-
-/// `AppConfig` has no `PartialEq`; its serialised form says the same.
-fn same_settings(a: &AppConfig, b: &AppConfig) -> bool {
-    match (serde_json::to_value(a), serde_json::to_value(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
     }
 }
 

@@ -332,7 +332,7 @@ pub struct AppArray {
 }
 
 /// One app (tenant). Field names follow Sockudo's where they exist.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppConfig {
     #[serde(deserialize_with = "string_or_number")]
@@ -369,7 +369,7 @@ pub struct AppConfig {
 }
 
 /// One webhook target of an app.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     pub url: String,
