@@ -92,11 +92,14 @@ impl AppCache {
 
     /// The cached app for `needle`, however old, without claiming or refreshing anything.
     pub(super) fn peek(&self, by: By, needle: &str) -> Option<Arc<App>> {
-        let index = match by {
+        self.index_ref(by).get(needle).and_then(|e| e.app.clone())
+    }
+
+    fn index_ref(&self, by: By) -> &HashMap<String, Entry> {
+        match by {
             By::Key => &self.by_key,
             By::Id => &self.by_id,
-        };
-        index.get(needle).and_then(|e| e.app.clone())
+        }
     }
 
     pub(super) fn is_down(&self, now: Instant) -> bool {
@@ -219,10 +222,7 @@ impl AppCache {
 
     #[cfg(test)]
     fn len(&self, by: By) -> usize {
-        match by {
-            By::Key => self.by_key.len(),
-            By::Id => self.by_id.len(),
-        }
+        self.index_ref(by).len()
     }
 }
 

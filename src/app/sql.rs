@@ -4,6 +4,7 @@
 //! after a failure the database is left alone for a second, so a flood of lookups does not
 //! queue up behind a dead one.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,15 +12,11 @@ use std::time::{Duration, Instant};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ColumnIndex, ConnectOptions, Decode, Row, Type};
-
-use crate::config::{mask_url_password, AppConfig, Config, ConfigError, SqlAppsConfig, WebhookConfig};
-use crate::telemetry::Metrics;
-
-use std::collections::HashMap;
-
 use tokio::sync::{watch, Semaphore};
 
+use crate::config::{mask_url_password, AppConfig, Config, ConfigError, SqlAppsConfig, WebhookConfig};
 use crate::telemetry::logs::Sparse;
+use crate::telemetry::Metrics;
 
 use super::cache::{AppCache, By, Cached, MAX_ENTRIES};
 use super::{App, LookupError};
@@ -120,6 +117,16 @@ type Waiting = watch::Receiver<Option<Lookup>>;
 
 /// Keys with a query in flight, at most (each is one waiting lookup's worth of memory).
 const MAX_INFLIGHT: usize = 10_000;
+
+/// What one lookup of a key that is not cached does.
+enum Role {
+    /// Another lookup of the key is querying: wait for its answer.
+    Follow(Waiting),
+    /// Query, and answer the lookups that wait.
+    Lead(watch::Sender<Option<Lookup>>),
+    /// Too many keys in flight: query without being waited for.
+    Alone,
+}
 
 /// A lookup that others with the same key wait for; removed from `inflight` on drop.
 struct Inflight<'a> {
@@ -277,59 +284,49 @@ impl SqlApps {
     /// answer instead of each running a query.
     async fn coalesced(&self, by: By, needle: &str, stale: Option<Option<Arc<App>>>) -> Lookup {
         let key = (by, needle.to_owned());
-        // `Ok(rx)`: wait for that lookup; `Err(Some(tx))`: lead; `Err(None)`: past the bound,
-        // run alone (still limited by the query permits).
         let role = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(&key) {
-                Some(rx) => Ok(rx.clone()),
+                Some(rx) => Role::Follow(rx.clone()),
                 None if inflight.len() < MAX_INFLIGHT => {
                     let (tx, rx) = watch::channel(None);
                     inflight.insert(key.clone(), rx);
-                    Err(Some(tx))
+                    Role::Lead(tx)
                 }
-                None => Err(None),
+                // Past the bound, lookups run alone (still limited by the query permits).
+                None => Role::Alone,
             }
         };
-        let follower = match role {
-            Ok(rx) => Some(rx),
-            Err(Some(tx)) => {
+        match role {
+            Role::Lead(tx) => {
                 // Dropped however this lookup ends (its client may leave mid-query): the entry
                 // goes, and the waiting lookups are answered or let go.
                 let leader = Inflight { apps: self, key, tx };
                 let result = self.query(by, needle, stale).await;
                 leader.tx.send_replace(Some(result.clone()));
-                return result;
+                result
             }
-            Err(None) => None,
-        };
-        match follower {
-            Some(mut rx) => {
-                let answer = tokio::time::timeout(self.lookup_timeout, rx.wait_for(Option::is_some)).await;
-                match answer {
-                    Ok(Ok(v)) => v.clone().unwrap_or(Err(LookupError::Unavailable)),
-                    // The first lookup was dropped (its client left) or took too long.
-                    _ => stale.ok_or(LookupError::Unavailable),
-                }
-            }
-            None => self.query(by, needle, stale).await,
+            Role::Follow(mut rx) => match tokio::time::timeout(self.lookup_timeout, rx.wait_for(Option::is_some)).await
+            {
+                Ok(Ok(v)) => v.clone().unwrap_or(Err(LookupError::Unavailable)),
+                // The first lookup was dropped (its client left) or took too long.
+                _ => stale.ok_or(LookupError::Unavailable),
+            },
+            Role::Alone => self.query(by, needle, stale).await,
         }
     }
 
-    /// Asks the database, under one of `pool_size` query permits. Waiting too long for a
-    /// permit means this node is flooded with lookups, not that the database is down: that
-    /// lookup fails alone, and the store is not marked down for every other app.
+    /// Asks the database, under one of `pool_size` query permits. Waiting too long for a permit
+    /// or a pooled connection means this node is flooded with lookups, not that the database
+    /// is down: that lookup fails alone, and the store is not marked down for every other app.
     async fn query(&self, by: By, needle: &str, stale: Option<Option<Arc<App>>>) -> Lookup {
-        let Ok(Ok(_permit)) = tokio::time::timeout(self.lookup_timeout, self.permits.acquire()).await else {
-            static LOG: Sparse = Sparse::new();
-            if let Some(suppressed) = LOG.admit() {
-                tracing::warn!(suppressed, "app lookups are queueing past the lookup timeout; this one is refused");
-            }
-            return stale.ok_or(LookupError::Unavailable);
-        };
-        let fetched = match tokio::time::timeout(self.lookup_timeout, self.fetch(by, needle)).await {
-            Ok(result) => result,
-            Err(_) => Err(FetchError::Database(format!("no answer within {} ms", self.lookup_timeout.as_millis()))),
+        let fetched = match tokio::time::timeout(self.lookup_timeout, self.permits.acquire()).await {
+            Ok(Ok(_permit)) => match tokio::time::timeout(self.lookup_timeout, self.fetch(by, needle)).await {
+                Ok(result) => result,
+                Err(_) => Err(FetchError::Database(format!("no answer within {} ms", self.lookup_timeout.as_millis()))),
+            },
+            // Queued past the lookup timeout for a permit: this node is busy, as below.
+            _ => Err(FetchError::Busy),
         };
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -350,10 +347,7 @@ impl SqlApps {
             Err(FetchError::Busy) => {
                 static LOG: Sparse = Sparse::new();
                 if let Some(suppressed) = LOG.admit() {
-                    tracing::warn!(
-                        suppressed,
-                        "app lookups are waiting for a database connection; this one is refused"
-                    );
+                    tracing::warn!(suppressed, "app lookups are queueing past the lookup timeout; this one is refused");
                 }
                 stale.ok_or(LookupError::Unavailable)
             }
@@ -393,7 +387,6 @@ impl SqlApps {
         }))
     }
 
-    /// The cached apps.
     /// Looks up again every app that open connections hold, so that a changed or removed row
     /// reaches its sockets within about the cache's TTL (a fresh entry costs no query).
     pub(super) async fn refresh_in_use(&self) {
@@ -413,6 +406,7 @@ impl SqlApps {
         (self.ttl / 2).max(Duration::from_millis(250))
     }
 
+    /// The cached apps.
     pub(super) fn cached(&self) -> Vec<Arc<App>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).apps()
     }

@@ -213,9 +213,6 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         if mb == 0 {
             return Err(ConfigError::new(key, "must be above 0 (MiB)"));
         }
-        if mb.checked_mul(1024 * 1024).is_none() {
-            return Err(ConfigError::new(key, format!("{mb} MiB does not fit in 64 bits of bytes")));
-        }
     }
     if !matches!(c.rate_limits.driver.as_str(), "memory" | "redis") {
         return Err(ConfigError::new(
@@ -255,13 +252,15 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
 fn check_ranges(c: &Config) -> Result<(), ConfigError> {
     use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
     let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
-    let table: [(&str, u64, u64); 27] = [
+    let table: [(&str, u64, u64); 29] = [
         ("activity_timeout", c.activity_timeout, MAX_SECONDS),
         ("pong_timeout", c.pong_timeout, MAX_SECONDS),
         ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
         ("subscription_count_debounce_ms", c.subscription_count_debounce_ms, MAX_MILLIS),
         ("max_memory_mb", c.max_memory_mb, MAX_MB),
         ("cache.ttl_seconds", c.cache.ttl_seconds, MAX_SECONDS),
+        ("cache.max_mb_per_app", c.cache.max_mb_per_app, MAX_MB),
+        ("cache.max_mb", c.cache.max_mb, MAX_MB),
         ("websocket.max_message_size_kb", ws.max_message_size_kb as u64, MAX_KB),
         ("websocket.hard_max_message_size_kb", ws.hard_max_message_size_kb as u64, MAX_KB),
         ("websocket.max_queue_kb", ws.max_queue_kb as u64, MAX_KB),

@@ -489,7 +489,6 @@ impl AppConfig {
         }
         // Upper bounds too: a value that overflows when turned into bytes or a deadline (a
         // `u64::MAX` timeout panicked every session) is refused here, for files and rows alike.
-        let within = |value: u64, max: u64| value <= max;
         for (field, value, max) in [
             ("user_authentication_timeout", self.user_authentication_timeout, MAX_SECONDS),
             ("max_event_payload_in_kb", self.max_event_payload_in_kb as u64, MAX_KB),
@@ -500,7 +499,7 @@ impl AppConfig {
             ("max_event_batch_size", self.max_event_batch_size as u64, MAX_COUNT),
             ("max_presence_members_per_channel", self.max_presence_members_per_channel as u64, MAX_COUNT),
         ] {
-            if !within(value, max) {
+            if value > max {
                 return Err((field, format!("{value} is above the maximum of {max}")));
             }
         }

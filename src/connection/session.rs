@@ -377,25 +377,23 @@ impl Session<'_> {
     /// secret (the next channel auth is checked against it).
     fn follow_app(&mut self) {
         let mut next = self.replaced.borrow_and_update().clone();
-        loop {
-            match next {
-                Replaced::Current => return,
-                Replaced::Removed => return self.close_with(ProtocolError::AppNotFound),
-                Replaced::By(app) => {
-                    // It may have been replaced again already.
-                    match app.replacement() {
-                        Replaced::Current => {
-                            if !app.settings.enabled {
-                                self.close_with(ProtocolError::AppDisabled);
-                            }
-                            self.limits = app.parse_limits();
-                            self.replaced = app.watch_replaced();
-                            self.app = app;
-                            return;
-                        }
-                        later => next = later,
-                    }
+        // It may have been replaced again already: follow to the app that is current.
+        while let Replaced::By(app) = &next {
+            match app.replacement() {
+                Replaced::Current => break,
+                later => next = later,
+            }
+        }
+        match next {
+            Replaced::Current => {}
+            Replaced::Removed => self.close_with(ProtocolError::AppNotFound),
+            Replaced::By(app) => {
+                if !app.settings.enabled {
+                    self.close_with(ProtocolError::AppDisabled);
                 }
+                self.limits = app.parse_limits();
+                self.replaced = app.watch_replaced();
+                self.app = app;
             }
         }
     }
