@@ -115,6 +115,11 @@ async fn redis_limits_are_shared_by_the_cluster() {
     let b = node(prefix).await;
     let mut shared = false;
     for _ in 0..5 {
+        // Each attempt starts a fresh one-second window (the limiter's windows are Unix
+        // seconds): an attempt that straddled a boundary left spending in the next window, and
+        // every later attempt within that second was then refused at its first request.
+        let into_second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(u64::from(1000 - into_second) + 20)).await;
         let first = raw(&a, "POST", "/batch_events", &[], Some(batch(3))).await.status();
         let second =
             raw(&b, "POST", "/events", &[], Some(json!({"name": "e", "channel": "rl", "data": "x"}))).await.status();
