@@ -28,8 +28,8 @@ pub struct Link {
     pub incoming: mpsc::Receiver<Bytes>,
     /// Whether the subscription is up right now.
     pub connected: watch::Receiver<bool>,
-    /// Envelopes dropped because a queue was full.
-    pub dropped: Arc<AtomicU64>,
+    /// Envelopes dropped by the link itself, by direction.
+    pub drops: Arc<Drops>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -41,9 +41,17 @@ impl Drop for Link {
     }
 }
 
-fn forward(tx: &mpsc::Sender<Bytes>, dropped: &AtomicU64, payload: Bytes) {
+/// Envelopes a link dropped: received while the inbox was full, or not handed to the broker
+/// (a failed publish; on Redis one failed pipeline counts each envelope in it).
+#[derive(Debug, Default)]
+pub struct Drops {
+    pub incoming: AtomicU64,
+    pub outgoing: AtomicU64,
+}
+
+fn forward(tx: &mpsc::Sender<Bytes>, drops: &Drops, payload: Bytes) {
     if tx.try_send(payload).is_err() {
-        let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = drops.incoming.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             tracing::warn!(dropped = n, "cluster inbox full; envelopes dropped");
         }
@@ -72,33 +80,36 @@ pub async fn redis(url: &str, prefix: &str) -> Result<Link, String> {
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (up_tx, up_rx) = watch::channel(true);
-    let dropped = Arc::new(AtomicU64::new(0));
+    let drops = Arc::new(Drops::default());
 
     let pub_topic = topic.clone();
-    let pub_dropped = dropped.clone();
+    let pub_drops = drops.clone();
     let publisher_task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
+        let mut failed_batches = 0u64;
         while out_rx.recv_many(&mut batch, 256).await > 0 {
             let mut pipe = redis::pipe();
+            let count = batch.len() as u64;
             for payload in batch.drain(..) {
                 pipe.cmd("PUBLISH").arg(&pub_topic).arg(&payload[..]).ignore();
             }
             // Pipelined: one round trip per batch. While the broker is down these fail and
             // are dropped; the connection manager reconnects on its own.
             if let Err(err) = pipe.query_async::<()>(&mut publisher).await {
-                let n = pub_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(error = %err, failed_batches = n, "publishing to Redis failed");
+                pub_drops.outgoing.fetch_add(count, Ordering::Relaxed);
+                failed_batches += 1;
+                if failed_batches.is_power_of_two() {
+                    tracing::warn!(error = %err, failed_batches, "publishing to Redis failed");
                 }
             }
         }
     });
 
-    let sub_dropped = dropped.clone();
+    let sub_drops = drops.clone();
     let subscriber_task = tokio::spawn(async move {
         loop {
             while let Some(msg) = stream.next().await {
-                forward(&in_tx, &sub_dropped, Bytes::copy_from_slice(msg.get_payload_bytes()));
+                forward(&in_tx, &sub_drops, Bytes::copy_from_slice(msg.get_payload_bytes()));
             }
             up_tx.send_replace(false);
             tracing::warn!(url = %shown, "Redis subscription lost; serving local sockets only while reconnecting");
@@ -120,7 +131,7 @@ pub async fn redis(url: &str, prefix: &str) -> Result<Link, String> {
         outgoing: out_tx,
         incoming: in_rx,
         connected: up_rx,
-        dropped,
+        drops,
         tasks: vec![publisher_task, subscriber_task],
     })
 }
@@ -168,26 +179,26 @@ pub async fn nats(servers: &[String], prefix: &str) -> Result<Link, String> {
     let mut subscription = client.subscribe(subject.clone()).await.map_err(|e| fail(&e))?;
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let dropped = Arc::new(AtomicU64::new(0));
-    let pub_dropped = dropped.clone();
+    let drops = Arc::new(Drops::default());
+    let pub_drops = drops.clone();
     let publisher_task = tokio::spawn(async move {
         while let Some(payload) = out_rx.recv().await {
             if client.publish(subject.clone(), payload).await.is_err() {
-                pub_dropped.fetch_add(1, Ordering::Relaxed);
+                pub_drops.outgoing.fetch_add(1, Ordering::Relaxed);
             }
         }
     });
-    let sub_dropped = dropped.clone();
+    let sub_drops = drops.clone();
     let subscriber_task = tokio::spawn(async move {
         while let Some(msg) = subscription.next().await {
-            forward(&in_tx, &sub_dropped, msg.payload);
+            forward(&in_tx, &sub_drops, msg.payload);
         }
     });
     Ok(Link {
         outgoing: out_tx,
         incoming: in_rx,
         connected: up_rx,
-        dropped,
+        drops,
         tasks: vec![publisher_task, subscriber_task],
     })
 }

@@ -5,6 +5,7 @@
 
 pub mod otlp;
 pub mod process;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
