@@ -19,6 +19,7 @@ pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod webhooks;
 
 #[cfg(test)]

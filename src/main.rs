@@ -125,8 +125,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // Webhook settings are checked here too, so `--check-config` and startup refuse them alike.
-    if let Err(e) = sockudo::webhooks::validate(&config) {
+    // Webhook settings and the TLS files are checked here too, so `--check-config` and startup
+    // refuse them alike.
+    if let Err(e) = sockudo::webhooks::validate(&config).and_then(|()| sockudo::tls::check(&config)) {
         eprintln!("{e}");
         return ExitCode::from(EXIT_CONFIG);
     }

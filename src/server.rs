@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::state::State;
 use crate::telemetry::{Telemetry, PROMETHEUS_CONTENT_TYPE};
+use crate::tls::Tls;
 use crate::webhooks::Webhooks;
 use crate::{api, connection};
 
@@ -75,12 +76,20 @@ fn metrics_router(telemetry: Arc<Telemetry>, state: Arc<State>) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found").into_response() })
 }
 
-/// Serves HTTP/1.1 (with upgrades) on `listener` until shutdown. Unlike `axum::serve`, this
-/// installs hyper's timer so that a request head must arrive within `header_timeout`
-/// (slowloris sockets are dropped), and sets `TCP_NODELAY` so small frames leave at once.
-async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, header_timeout: Duration) {
+/// Serves HTTP/1.1 (with upgrades) on `listener` until shutdown, over TLS when `tls` is set.
+/// Unlike `axum::serve`, this installs hyper's timer so that a request head must arrive within
+/// `header_timeout` (slowloris sockets are dropped; a TLS handshake gets the same time), and
+/// sets `TCP_NODELAY` so small frames leave at once.
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+    header_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    let builder = Arc::new(builder);
     let connections = crate::shutdown::Tracker::default();
     loop {
         let accepted = tokio::select! {
@@ -98,33 +107,54 @@ async fn serve_http(listener: TcpListener, router: Router, shutdown: Shutdown, h
         };
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
-        // Handlers see the peer address as axum's `ConnectInfo` (connection rate limits).
-        let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
-            router.clone(),
-            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                if let Some(addr) = peer {
-                    req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
-                }
-                req
-            },
-        ));
-        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
-        let stop = shutdown.clone();
+        let (router, builder, tls, stop) = (router.clone(), builder.clone(), tls.clone(), shutdown.clone());
         let token = connections.token();
         tokio::spawn(async move {
             let _token = token;
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                None => serve_connection(&builder, stream, router, peer, stop).await,
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(&builder, stream, router, peer, stop).await,
+                    // Expected churn on a public port (scanners, plain-text clients, timeouts).
+                    Ok(Err(err)) => tracing::debug!(error = %err, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
         });
     }
     drop(listener);
     connections.wait_idle().await;
+}
+
+/// One HTTP/1.1 connection (plain or TLS) until it ends or shutdown asks it to finish.
+async fn serve_connection<I>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: I,
+    router: Router,
+    peer: Option<std::net::SocketAddr>,
+    stop: Shutdown,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Handlers see the peer address as axum's `ConnectInfo` (connection rate limits).
+    let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+        router,
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            if let Some(addr) = peer {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            }
+            req
+        },
+    ));
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// `GET /stats` on the metrics listener: the node's true counts and process resources as JSON,
@@ -156,6 +186,9 @@ fn resident_bytes() -> Option<u64> {
 pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let port = listeners.main.local_addr()?.port();
+    // Certificates are configuration: a bad pair stops startup (exit 64) before anything serves.
+    let main_tls = Tls::from_config(&config.ssl, "ssl")?;
+    let metrics_tls = Tls::from_config(&config.metrics.ssl, "metrics.ssl")?;
     let node_id = format!("{:016x}", fastrand::u64(..));
     let telemetry = Telemetry::new(&config, port, &node_id)?;
     telemetry.install_logging(&config);
@@ -229,15 +262,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         Some(listener) if telemetry.prometheus_enabled() => {
             let router = metrics_router(telemetry.clone(), state.clone());
             let stop = shutdown.clone();
-            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-            Some(tokio::spawn(serve_http(listener, router, stop, Duration::from_secs(10))))
+            tracing::info!(addr = %listener.local_addr()?, tls = metrics_tls.is_some(), "metrics listening");
+            Some(tokio::spawn(serve_http(listener, router, stop, Duration::from_secs(10), metrics_tls.clone())))
         }
         _ => None,
     };
 
-    tracing::info!(addr = %listeners.main.local_addr()?, version = env!("CARGO_PKG_VERSION"), "sockudo listening");
+    let reloader = tokio::spawn(crate::tls::reload_on_change(
+        main_tls.iter().chain(metrics_tls.iter()).cloned().collect(),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        addr = %listeners.main.local_addr()?, tls = main_tls.is_some(), version = env!("CARGO_PKG_VERSION"),
+        "sockudo listening"
+    );
     let header_timeout = Duration::from_secs(config.http_api.header_read_timeout_seconds);
-    let main = tokio::spawn(serve_http(listeners.main, router(state.clone()), shutdown.clone(), header_timeout));
+    let main =
+        tokio::spawn(serve_http(listeners.main, router(state.clone()), shutdown.clone(), header_timeout, main_tls));
 
     shutdown.wait().await;
     state.draining.store(true, Ordering::Release);
@@ -256,6 +297,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
         tracing::warn!(remaining = state.sockets.live(), "shutdown grace period passed with sockets still open");
     }
     sweeper.abort();
+    reloader.abort();
     for task in [sampler, refresher].into_iter().flatten() {
         task.abort();
     }

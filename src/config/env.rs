@@ -57,6 +57,27 @@ fn apply_otel(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigE
     Ok(())
 }
 
+/// TLS of the listeners (Sockudo's `SSL_*` names) and the webhook receivers' private CA.
+fn apply_tls(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigError> {
+    for (prefix, ssl) in [("SSL_", &mut c.ssl), ("METRICS_SSL_", &mut c.metrics.ssl)] {
+        if let Some((v, k)) = get(e, &[&format!("{prefix}ENABLED")]) {
+            ssl.enabled = parse_bool(v, &k)?;
+        }
+        for (name, slot) in [("CERT_PATH", &mut ssl.cert_path), ("KEY_PATH", &mut ssl.key_path)] {
+            if let Some((v, _)) = get(e, &[&format!("{prefix}{name}")]) {
+                *slot = v.trim().to_owned();
+            }
+        }
+        if let Some((v, k)) = get(e, &[&format!("{prefix}WATCH_INTERVAL_MS")]) {
+            ssl.watch_interval_ms = parse(v, &k, "a number of milliseconds")?;
+        }
+    }
+    if let Some((v, _)) = get(e, &["WEBHOOKS_CA_PATH"]) {
+        c.webhooks.ca_path = v.trim().to_owned();
+    }
+    Ok(())
+}
+
 /// Applies the environment over `c`.
 pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), ConfigError> {
     if let Some((v, _)) = get(e, &["HOST"]) {
@@ -126,6 +147,7 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
         c.app_manager.sql.url = v.trim().to_owned();
     }
     apply_otel(c, e)?;
+    apply_tls(c, e)?;
     let default_app = [
         get(e, &["SOCKUDO_DEFAULT_APP_ID"]),
         get(e, &["SOCKUDO_DEFAULT_APP_KEY"]),

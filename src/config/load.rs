@@ -183,6 +183,17 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         }
     }
     check_ranges(c)?;
+    for (prefix, ssl) in [("ssl", &c.ssl), ("metrics.ssl", &c.metrics.ssl)] {
+        // The files themselves are read (and their pair checked) by `tls::Certificate::load`.
+        for (field, path) in [("cert_path", &ssl.cert_path), ("key_path", &ssl.key_path)] {
+            if ssl.enabled && path.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{prefix}.{field}"),
+                    format!("is required when {prefix}.enabled"),
+                ));
+            }
+        }
+    }
     if c.activity_timeout == 0 {
         return Err(ConfigError::new("activity_timeout", "must be at least 1 second"));
     }
@@ -252,7 +263,7 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
 fn check_ranges(c: &Config) -> Result<(), ConfigError> {
     use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
     let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
-    let table: [(&str, u64, u64); 29] = [
+    let table: [(&str, u64, u64); 31] = [
         ("activity_timeout", c.activity_timeout, MAX_SECONDS),
         ("pong_timeout", c.pong_timeout, MAX_SECONDS),
         ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
@@ -282,6 +293,8 @@ fn check_ranges(c: &Config) -> Result<(), ConfigError> {
         ("webhooks.max_retry_seconds", w.max_retry_seconds, MAX_SECONDS),
         ("otel.metric_export_interval_ms", o.metric_export_interval_ms, MAX_MILLIS),
         ("otel.export_timeout_ms", o.export_timeout_ms, MAX_MILLIS),
+        ("ssl.watch_interval_ms", c.ssl.watch_interval_ms, MAX_MILLIS),
+        ("metrics.ssl.watch_interval_ms", c.metrics.ssl.watch_interval_ms, MAX_MILLIS),
     ];
     let sql_table = [
         ("app_manager.sql.cache_ttl_seconds", sql.cache_ttl_seconds, MAX_SECONDS),

@@ -37,6 +37,8 @@ pub struct Config {
     pub shutdown_grace_period: u64,
     /// Delay that coalesces subscription-count changes into one `subscription_count` event.
     pub subscription_count_debounce_ms: u64,
+    /// TLS on the WebSocket + API listener (`wss://` and `https://` on `port`).
+    pub ssl: SslConfig,
     pub cache: CacheConfig,
     pub websocket: WebSocketConfig,
     pub http_api: HttpApiConfig,
@@ -280,6 +282,29 @@ pub struct MetricsConfig {
     pub host: String,
     pub port: u16,
     pub prometheus: PrometheusConfig,
+    /// TLS on the metrics listener (`https://` for `/metrics` and `/stats`); off by default.
+    pub ssl: SslConfig,
+}
+
+/// TLS on one listener (rustls): a PEM certificate chain, leaf first, and its private key.
+/// The files are read again on SIGHUP and when they change, for new handshakes only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SslConfig {
+    pub enabled: bool,
+    pub cert_path: String,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
+    pub key_path: String,
+    /// How often the two files are checked for a change (their size, modification time or
+    /// inode, so a Kubernetes secret's symlink swap counts), in milliseconds; 0 checks only on
+    /// SIGHUP.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for SslConfig {
+    fn default() -> Self {
+        Self { enabled: false, cert_path: String::new(), key_path: String::new(), watch_interval_ms: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,6 +429,9 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// 5xx, timeouts and connection errors are retried with backoff for up to this long.
     pub max_retry_seconds: u64,
+    /// PEM file of CA certificates trusted for `https://` receivers besides the system's
+    /// roots (a private CA); empty: the system's roots only.
+    pub ca_path: String,
 }
 
 impl Default for WebhooksConfig {
@@ -417,6 +445,7 @@ impl Default for WebhooksConfig {
             max_in_flight_per_app: 2,
             timeout_ms: 5_000,
             max_retry_seconds: 300,
+            ca_path: String::new(),
         }
     }
 }
@@ -546,6 +575,7 @@ impl Default for Config {
             max_memory_mb: 0,
             shutdown_grace_period: 10,
             subscription_count_debounce_ms: 100,
+            ssl: SslConfig::default(),
             cache: CacheConfig::default(),
             websocket: WebSocketConfig::default(),
             http_api: HttpApiConfig::default(),
@@ -617,6 +647,7 @@ impl Default for MetricsConfig {
             host: "0.0.0.0".into(),
             port: 9601,
             prometheus: PrometheusConfig::default(),
+            ssl: SslConfig::default(),
         }
     }
 }

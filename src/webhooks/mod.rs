@@ -218,6 +218,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     if w.timeout_ms == 0 {
         return Err(ConfigError::new("webhooks.timeout_ms", "must be at least 1"));
     }
+    private_roots(&w.ca_path)?;
     if config.app_manager.driver == "config" {
         for (i, app) in config.app_manager.array.apps.iter().enumerate() {
             for (j, hook) in app.webhooks.iter().enumerate() {
@@ -228,6 +229,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The CA certificates of `webhooks.ca_path` (none when it is empty), trusted besides the
+/// system's roots so that receivers behind a private CA can be reached over HTTPS.
+fn private_roots(path: &str) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fail = |message: String| ConfigError::new("webhooks.ca_path", message);
+    let pem = std::fs::read(path).map_err(|e| fail(format!("cannot read {path}: {e}")))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| fail(format!("{path}: {e}")))?;
+    if roots.is_empty() {
+        return Err(fail(format!("no PEM certificate in {path}")));
+    }
+    Ok(roots)
 }
 
 /// One webhook's target, or the field at fault and why.
@@ -279,7 +295,11 @@ impl Webhooks {
         validate(config)?;
         let w = &config.webhooks;
         let timeout = Duration::from_millis(w.timeout_ms);
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder();
+        for root in private_roots(&w.ca_path)? {
+            client = client.add_root_certificate(root);
+        }
+        let client = client
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
