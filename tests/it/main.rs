@@ -20,5 +20,6 @@ mod rate_limits;
 mod reliability;
 mod support;
 mod telemetry;
+mod tls;
 mod webhook_fairness;
 mod webhooks;

@@ -74,6 +74,18 @@ impl Process {
         Client::connect(&format!("ws://127.0.0.1:{}/app/{KEY}?protocol=7", self.port)).await
     }
 
+    /// Sends a signal by name (`HUP`, `USR1`, ...).
+    pub async fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = Command::new("kill").args([&format!("-{name}"), &pid]).status().await.unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// Whether a line of the output so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
     /// SIGKILL: the node dies without a word to the cluster.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
