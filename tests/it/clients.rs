@@ -20,7 +20,7 @@ async fn run(mut cmd: Command, what: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
-    println!("{what}:\n{stdout}");
+    println!("{what}:\n{stdout}\n{stderr}");
 }
 
 fn with_server_env(cmd: &mut Command, server: &TestServer) {
@@ -62,5 +62,40 @@ async fn python_pusher_sdk() {
     cmd.arg(clients_dir().join("test_python_sdk.py"));
     with_server_env(&mut cmd, &server);
     run(cmd, "python pusher SDK").await;
+    server.stop().await;
+}
+
+/// A server on TLS with a certificate from a fresh CA, for the clients' TLS runs.
+async fn tls_server(ca: &crate::support::tls::TestCa) -> TestServer {
+    let cert = ca.issue("server");
+    TestServer::start_with(|c| {
+        c.ssl.enabled = true;
+        c.ssl.cert_path = cert.cert.display().to_string();
+        c.ssl.key_path = cert.key.display().to_string();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn node_clients_over_tls_with_a_private_ca() {
+    let ca = crate::support::tls::TestCa::new("node-clients");
+    let server = tls_server(&ca).await;
+    let mut cmd = Command::new("node");
+    cmd.args(["--test", "tls-clients.mjs"]).current_dir(clients_dir());
+    with_server_env(&mut cmd, &server);
+    cmd.env("SOCKUDO_HOST", "localhost").env("NODE_EXTRA_CA_CERTS", ca.ca_path());
+    run(cmd, "node --test tls-clients.mjs").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn python_pusher_sdk_over_tls_with_a_private_ca() {
+    let ca = crate::support::tls::TestCa::new("python-clients");
+    let server = tls_server(&ca).await;
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("test_python_tls.py"));
+    with_server_env(&mut cmd, &server);
+    cmd.env("SOCKUDO_HOST", "localhost").env("SOCKUDO_CA", ca.ca_path());
+    run(cmd, "python pusher SDK over TLS").await;
     server.stop().await;
 }
