@@ -153,13 +153,22 @@ fn sigterm_stops_the_binary_cleanly() {
 #[test]
 fn shipped_example_configs_are_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    // tls.toml reads its certificate files at --check-config: give it a real pair.
+    let ca = crate::support::tls::TestCa::new("examples");
+    let pair = ca.issue("server");
+    let (cert, key) = (pair.cert.display().to_string(), pair.key.display().to_string());
     let mut checked = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let o = sockudo(
             &["--config", path.to_str().unwrap(), "--check-config"],
-            &[("SOCKUDO_APP_SECRET", "s3cret-value"), ("REDIS_URL", "redis://:pw@10.0.0.5:6379")],
+            &[
+                ("SOCKUDO_APP_SECRET", "s3cret-value"),
+                ("REDIS_URL", "redis://:pw@10.0.0.5:6379"),
+                ("SSL_CERT_PATH", &cert),
+                ("SSL_KEY_PATH", &key),
+            ],
         );
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -173,10 +182,14 @@ fn shipped_example_configs_are_valid() {
             }
             "nats-cluster.toml" => assert_eq!(v["adapter"]["driver"], "nats"),
             "otlp.toml" => assert_eq!(v["metrics"]["driver"], "prometheus,otlp"),
+            "tls.toml" => {
+                assert_eq!(v["ssl"]["enabled"], true);
+                assert_eq!(v["metrics"]["ssl"]["cert_path"], cert.as_str());
+            }
             _ => {}
         }
         checked.push(name);
     }
     checked.sort();
-    assert_eq!(checked, ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json"]);
+    assert_eq!(checked, ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json", "tls.toml"]);
 }
