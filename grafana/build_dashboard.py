@@ -216,11 +216,18 @@ def build():
     L.row("HTTP API")
     L.add(timeseries("HTTP API calls", [
         (f"sum by (app_id) (rate(sockudo_http_calls_received_total{{{S}}}[{RI}]))", "{{app_id}} API calls"),
-    ], unit="reqps", desc="Seed panel 'API Response Time' (it charts throughput, not latency)."), 12, 8)
+    ], unit="reqps", desc="API request rate (the seed's 'API Response Time' panel charted this; the latency is in the next panels)."), 12, 8)
     L.add(timeseries("HTTP API bytes", [
         (f"sum(rate(sockudo_http_received_bytes{{{S}}}[{RI}]))", "Bytes In"),
         (f"sum(rate(sockudo_http_transmitted_bytes{{{S}}}[{RI}]))", "Bytes Out"),
     ], unit="Bps"), 12, 8)
+    L.add(timeseries("API latency by route (p50 / p95 / p99)", [
+        (f"histogram_quantile({q}, sum by (le, route) (rate(sockudo_http_server_request_duration_seconds_bucket{{{S}}}[{RI}])))",
+         f"{{{{route}}}} p{int(q * 100)}") for q in (0.5, 0.95, 0.99)
+    ], unit="s", desc="Request head received to response written, by matched route template (WebSocket upgrades excluded)."), 12, 8)
+    L.add(timeseries("API requests by status class", [
+        (f"sum by (status_class) (rate(sockudo_http_server_request_duration_seconds_count{{{S}}}[{RI}]))", "{{status_class}}"),
+    ], unit="reqps", stack=True), 12, 8)
 
     # ------------------------------------------------------------------ channels
     L.row("Channels")
@@ -308,6 +315,23 @@ def build():
             "an app is held to `webhooks.max_queue_events_per_app` and `max_queue_kb_per_app`, past which its new events are dropped."), 12, 8)
     L.add(stat("Build info", [(f"max by (instance, version) (sockudo_build_info{{{I}}})", "{{instance}}: {{version}}")],
                text_mode="name", desc="One tile per instance, named by the version it runs."), 12, 8)
+
+    # ------------------------------------------------------------------ runtime
+    L.row("Runtime, send queues and export")
+    L.add(timeseries("Runtime utilisation", [
+        (f"sum by (instance) (rate(sockudo_runtime_worker_busy_seconds_total{{{I}}}[{RI}])) "
+         f"/ sum by (instance) (sockudo_runtime_workers{{{I}}})", "{{instance}}"),
+    ], unit="percentunit", desc="Busy time of the async runtime's workers over their number: near 1, the node is saturated."), 6, 8)
+    L.add(timeseries("Runtime tasks", [
+        (f"sum by (instance) (sockudo_runtime_alive_tasks{{{I}}})", "{{instance}} alive"),
+        (f"sum by (instance) (sockudo_runtime_global_queue_depth{{{I}}})", "{{instance}} waiting (global queue)"),
+    ]), 6, 8)
+    L.add(timeseries("Send queue bytes by app", [
+        (f"sum by (app_id) (sockudo_socket_send_queue_bytes{{{S}}})", "{{app_id}}"),
+    ], unit="bytes", desc="Bytes waiting in the app's sockets' send queues: slow consumers show here before they are closed (4100)."), 6, 8)
+    L.add(timeseries("OTLP export failures", [
+        (f"sum by (signal) (rate(sockudo_telemetry_export_failures_total{{{I}}}[{RI}]))", "{{signal}}"),
+    ], unit="ops", desc="Export batches that failed; their data is dropped."), 6, 8)
 
     # ------------------------------------------------------------------ process
     L.row("Process")

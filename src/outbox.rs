@@ -5,8 +5,8 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
@@ -50,6 +50,10 @@ pub struct Outbox<T> {
     /// Woken when a close is requested, so a writer blocked on a slow socket can give up.
     closing: Notify,
     cap_bytes: usize,
+    /// A total shared with other outboxes (all sockets of one app), kept equal to the sum of
+    /// their queued data bytes: read at collection time for `socket_send_queue_bytes`, so that
+    /// slow consumers show before they are closed, at the cost of one atomic add per change.
+    total: Option<Arc<AtomicUsize>>,
 }
 
 struct State<T> {
@@ -73,7 +77,27 @@ impl<T: Weighted> Outbox<T> {
             dirty: AtomicBool::new(false),
             closing: Notify::new(),
             cap_bytes,
+            total: None,
         }
+    }
+
+    /// An outbox whose queued data bytes are also counted in `total`.
+    pub fn counted(cap_bytes: usize, total: Arc<AtomicUsize>) -> Self {
+        Self { total: Some(total), ..Self::new(cap_bytes) }
+    }
+
+    fn added(&self, bytes: usize) {
+        if let Some(t) = &self.total {
+            t.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Empties the data lane's byte count (the frames went out or were dropped).
+    fn emptied(&self, s: &mut State<T>) {
+        if let Some(t) = &self.total {
+            t.fetch_sub(s.bytes, Ordering::Relaxed);
+        }
+        s.bytes = 0;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
@@ -90,11 +114,12 @@ impl<T: Weighted> Outbox<T> {
                 Push::Closed
             } else if s.bytes + item.weight() > self.cap_bytes {
                 s.frames.clear();
-                s.bytes = 0;
+                self.emptied(&mut s);
                 s.close = Some(CloseReason::SlowConsumer);
                 Push::Overflow
             } else {
                 s.bytes += item.weight();
+                self.added(item.weight());
                 s.frames.push_back(item);
                 Push::Queued
             }
@@ -113,7 +138,7 @@ impl<T: Weighted> Outbox<T> {
                 Push::Closed
             } else if s.control.len() >= MAX_CONTROL_ITEMS {
                 s.frames.clear();
-                s.bytes = 0;
+                self.emptied(&mut s);
                 s.close = Some(CloseReason::SlowConsumer);
                 Push::Overflow
             } else {
@@ -136,7 +161,7 @@ impl<T: Weighted> Outbox<T> {
                 return;
             }
             s.frames.clear();
-            s.bytes = 0;
+            self.emptied(&mut s);
             s.close = Some(reason);
         }
         self.wake(true);
@@ -150,7 +175,7 @@ impl<T: Weighted> Outbox<T> {
                 return;
             }
             s.frames.clear();
-            s.bytes = 0;
+            self.emptied(&mut s);
             s.control.push_back(last);
             s.close = Some(reason);
         }
@@ -184,7 +209,7 @@ impl<T: Weighted> Outbox<T> {
         let mut s = self.lock();
         out.extend(s.control.drain(..));
         out.extend(s.frames.drain(..));
-        s.bytes = 0;
+        self.emptied(&mut s);
         Drained { close: s.close.clone() }
     }
 
@@ -258,6 +283,24 @@ mod tests {
         };
         tokio::time::timeout(std::time::Duration::from_secs(5), o.notified()).await.expect("woken by a push");
         pusher.await.unwrap();
+    }
+
+    #[test]
+    fn a_shared_total_follows_every_change() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let (a, b) = (Outbox::counted(10, total.clone()), Outbox::counted(10, total.clone()));
+        a.push(B(4));
+        a.push(B(3));
+        b.push(B(5));
+        a.push_control(B(100));
+        assert_eq!(total.load(Ordering::Relaxed), 12, "data bytes only");
+        assert_eq!(a.push(B(4)), Push::Overflow);
+        assert_eq!(total.load(Ordering::Relaxed), 5, "an overflow drops a's frames");
+        b.drain(&mut Vec::new());
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+        b.push(B(2));
+        b.close(CloseReason::SlowConsumer);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/live", get(api::live))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(axum::middleware::from_fn(crate::telemetry::trace::http_span))
+        .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), crate::telemetry::trace::http_span))
         .with_state(state)
 }
 

@@ -65,6 +65,9 @@ fn finish(state: &State, request_bytes: usize, outcome: Outcome) -> Response {
     let attrs = outcome.app.as_ref().map(|a| &a.attrs).unwrap_or_else(|| state.metrics.unknown());
     state.metrics.http_call(attrs, request_bytes as u64, body.len() as u64);
     let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(app) = &outcome.app {
+        response.extensions_mut().insert(crate::telemetry::trace::RequestApp(app.id.clone()));
+    }
     if let Some(d) = limited {
         let h = response.headers_mut();
         h.insert(header::RETRY_AFTER, d.reset_after.into());

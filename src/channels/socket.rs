@@ -2,6 +2,7 @@
 //! it signed in as. A [`Delivery`] rides along a broadcast's frames to record its latency when
 //! the last local recipient's write completes.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -80,6 +81,11 @@ pub struct SocketHandle {
 impl SocketHandle {
     pub fn new(id: SocketId, queue_cap_bytes: usize) -> Self {
         Self { id, outbox: Outbox::new(queue_cap_bytes), user_id: OnceLock::new() }
+    }
+
+    /// A socket whose queued bytes count in its app's `total` (`socket_send_queue_bytes`).
+    pub fn counted(id: SocketId, queue_cap_bytes: usize, total: Arc<AtomicUsize>) -> Self {
+        Self { id, outbox: Outbox::counted(queue_cap_bytes, total), user_id: OnceLock::new() }
     }
 
     /// The signed-in user, if any.

@@ -66,7 +66,8 @@ struct Session<'a> {
 
 pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
     let cfg = &state.config;
-    let handle = Arc::new(SocketHandle::new(state.next_socket_id(), cfg.websocket.max_queue_kb * 1024));
+    let queue = app.attrs.send_queue();
+    let handle = Arc::new(SocketHandle::counted(state.next_socket_id(), cfg.websocket.max_queue_kb * 1024, queue));
     let rate = app.settings.max_client_events_per_second;
     let mut session = Session {
         state,

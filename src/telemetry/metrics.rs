@@ -4,7 +4,14 @@
 //! OTel names carry no prefix; the Prometheus bridge adds the configured one and is told not to
 //! add `_total` or unit suffixes, so the exposed names are exactly the contract's.
 
-use opentelemetry::metrics::{BoundCounter, BoundUpDownCounter, Counter, Gauge, Histogram, Meter, UpDownCounter};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use opentelemetry::metrics::{
+    BoundCounter, BoundUpDownCounter, Counter, Gauge, Histogram, Meter, ObservableCounter, ObservableGauge,
+    UpDownCounter,
+};
 use opentelemetry::KeyValue;
 
 use crate::protocol::ChannelType;
@@ -23,12 +30,18 @@ pub const ERROR_TYPES: [&str; 10] = [
     "auth_timeout",
 ];
 
+/// `signal` values of `telemetry_export_failures_total`, in the order of
+/// [`super::otlp::ExportFailures`].
+pub const EXPORT_SIGNALS: [&str; 3] = ["traces", "metrics", "logs"];
+
 /// `recipient_count_bucket` values and their upper bounds.
 const RECIPIENT_BUCKETS: [(&str, usize); 5] =
     [("xs", 10), ("sm", 100), ("md", 1000), ("lg", 10_000), ("xl", usize::MAX)];
 
 const BROADCAST_LATENCY_BUCKETS: [f64; 15] =
     [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+const HTTP_DURATION_BUCKETS: [f64; 15] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 const RESOLVE_TIME_BUCKETS: [f64; 13] =
     [0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
 
@@ -66,6 +79,8 @@ pub struct AppAttrs {
     latency: [[Vec<KeyValue>; 5]; 5],
     limiter: [Vec<KeyValue>; 3],
     webhooks: [Vec<KeyValue>; 4],
+    /// Bytes queued in all of the app's sockets' send queues (each outbox adds and subtracts).
+    send_queue: Arc<AtomicUsize>,
 }
 
 /// Counters added to once per WebSocket message, bound to an app's base attributes.
@@ -140,6 +155,7 @@ pub struct Metrics {
     rate_limit_checks: Counter<u64>,
     rate_limit_triggered: Counter<u64>,
     broadcast_latency: Histogram<f64>,
+    http_duration: Histogram<f64>,
     adapter_resolve_time: Histogram<f64>,
     adapter_resolved: Counter<u64>,
     adapter_uncomplete: Counter<u64>,
@@ -151,7 +167,28 @@ pub struct Metrics {
     build_info: Gauge<u64>,
     adapter_connected: Gauge<i64>,
     adapter_nodes: Gauge<i64>,
+    /// Every app's send-queue total, read by the `socket_send_queue_bytes` callback. Weak:
+    /// an `App` replaced or removed takes its entry with it once its last socket is gone.
+    send_queues: Arc<SendQueues>,
+    _send_queue_gauge: opentelemetry::metrics::ObservableGauge<u64>,
     unknown: AppAttrs,
+}
+
+/// The send-queue totals of every app's attribute sets: `(app_id attributes, total)`.
+type SendQueues = Mutex<Vec<(Vec<KeyValue>, Weak<AtomicUsize>)>>;
+
+/// Sums the live totals per attribute set (a replaced app and its successor share one series)
+/// and forgets the dead ones.
+fn observe_send_queues(queues: &SendQueues) -> Vec<(Vec<KeyValue>, u64)> {
+    let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+    q.retain(|(_, w)| w.strong_count() > 0);
+    let mut sums: HashMap<String, (Vec<KeyValue>, u64)> = HashMap::new();
+    for (attrs, total) in q.iter() {
+        let Some(total) = total.upgrade() else { continue };
+        let key = attrs.iter().map(|kv| kv.value.as_str().into_owned()).collect::<Vec<_>>().join("\u{0}");
+        sums.entry(key).or_insert_with(|| (attrs.clone(), 0)).1 += total.load(Ordering::Relaxed) as u64;
+    }
+    sums.into_values().collect()
 }
 
 impl Metrics {
@@ -162,8 +199,22 @@ impl Metrics {
         };
         let gauge =
             |name: &'static str, desc: &'static str| meter.i64_up_down_counter(name).with_description(desc).build();
+        let send_queues: Arc<SendQueues> = Arc::default();
+        let observed = send_queues.clone();
+        let send_queue_gauge = meter
+            .u64_observable_gauge("socket_send_queue_bytes")
+            .with_description("Bytes waiting in all of the app's sockets' send queues")
+            .with_unit("By")
+            .with_callback(move |o| {
+                for (attrs, bytes) in observe_send_queues(&observed) {
+                    o.observe(bytes, &attrs);
+                }
+            })
+            .build();
         let mut m = Self {
             port,
+            send_queues,
+            _send_queue_gauge: send_queue_gauge,
             connected: meter
                 .i64_up_down_counter("connected")
                 .with_description("Open WebSocket connections")
@@ -198,6 +249,12 @@ impl Metrics {
                 .with_description("Publish accepted to frame written to the last local recipient")
                 .with_unit("ms")
                 .with_boundaries(BROADCAST_LATENCY_BUCKETS.to_vec())
+                .build(),
+            http_duration: meter
+                .f64_histogram("http_server_request_duration_seconds")
+                .with_description("API request head received to response written")
+                .with_unit("s")
+                .with_boundaries(HTTP_DURATION_BUCKETS.to_vec())
                 .build(),
             adapter_resolve_time: meter
                 .f64_histogram("horizontal_adapter_resolve_time")
@@ -248,6 +305,10 @@ impl Metrics {
     pub fn app_attrs(&self, app_id: &str) -> AppAttrs {
         let mut attrs = AppAttrs::build(self.port, app_id);
         attrs.hot = Some(self.bind_hot(&attrs.base));
+        self.send_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((attrs.base.clone(), Arc::downgrade(&attrs.send_queue)));
         attrs.cache = Some(CacheMeter {
             bytes: self.cache_channel_bytes.bind(&attrs.base),
             evictions: self.cache_channel_evictions.bind(&attrs.base),
@@ -375,6 +436,30 @@ impl Metrics {
         }
     }
 
+    /// One API request's duration. `app_id` is the app the handler resolved (never a raw path
+    /// segment), `route` the matched template; methods and statuses collapse to closed sets.
+    pub fn http_request(&self, app_id: Option<&str>, method: &str, route: Option<&str>, status: u16, seconds: f64) {
+        let method = match method {
+            "GET" => "GET",
+            "POST" => "POST",
+            _ => "other",
+        };
+        let class = match status {
+            0..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let attrs = [
+            KeyValue::new("app_id", app_id.unwrap_or("unknown").to_owned()),
+            KeyValue::new("port", self.port as i64),
+            KeyValue::new("method", method),
+            KeyValue::new("route", route.unwrap_or("other").to_owned()),
+            KeyValue::new("status_class", class),
+        ];
+        self.http_duration.record(seconds, &attrs);
+    }
+
     pub fn http_call(&self, a: &AppAttrs, request_bytes: u64, response_bytes: u64) {
         self.http_calls_received.add(1, &a.base);
         self.http_received_bytes.add(request_bytes, &a.base);
@@ -458,7 +543,71 @@ impl Metrics {
     }
 }
 
+/// Instruments read when metrics are collected, not on any request path: the async runtime's
+/// own counts (tokio's stable runtime metrics) and the OTLP export failures. Dropping them
+/// would not unregister their callbacks; they are kept to say whose they are.
+pub struct Observers {
+    _runtime: Option<(ObservableGauge<u64>, ObservableGauge<u64>, ObservableGauge<u64>, ObservableCounter<f64>)>,
+    _export_failures: ObservableCounter<u64>,
+}
+
+impl Observers {
+    /// Registers the collection-time instruments on `meter`. The runtime family is there only
+    /// when called inside a Tokio runtime (the server's), whose handle the callbacks keep.
+    pub fn register(meter: &Meter, port: u16, failures: Arc<super::otlp::ExportFailures>) -> Self {
+        let attrs = [KeyValue::new("port", port as i64)];
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let gauge = |name: &'static str, desc: &'static str, read: fn(&tokio::runtime::RuntimeMetrics) -> usize| {
+                let (rt, attrs) = (rt.clone(), attrs.clone());
+                meter
+                    .u64_observable_gauge(name)
+                    .with_description(desc)
+                    .with_callback(move |o| o.observe(read(&rt.metrics()) as u64, &attrs))
+                    .build()
+            };
+            let busy = {
+                let (rt, attrs) = (rt.clone(), attrs.clone());
+                meter
+                    .f64_observable_counter("runtime_worker_busy_seconds_total")
+                    .with_description("Busy time summed over the runtime's workers")
+                    .with_unit("s")
+                    .with_callback(move |o| {
+                        let m = rt.metrics();
+                        let busy: f64 =
+                            (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w).as_secs_f64()).sum();
+                        o.observe(busy, &attrs)
+                    })
+                    .build()
+            };
+            (
+                gauge("runtime_workers", "Async runtime worker threads", |m| m.num_workers()),
+                gauge("runtime_alive_tasks", "Tasks alive in the runtime", |m| m.num_alive_tasks()),
+                gauge("runtime_global_queue_depth", "Tasks waiting in the runtime's global queue", |m| {
+                    m.global_queue_depth()
+                }),
+                busy,
+            )
+        });
+        let signals = EXPORT_SIGNALS.map(|s| [KeyValue::new("port", port as i64), KeyValue::new("signal", s)]);
+        let export_failures = meter
+            .u64_observable_counter("telemetry_export_failures_total")
+            .with_description("OTLP export batches that failed")
+            .with_callback(move |o| {
+                for (count, attrs) in failures.0.iter().zip(&signals) {
+                    o.observe(count.load(Ordering::Relaxed), attrs);
+                }
+            })
+            .build();
+        Self { _runtime: runtime, _export_failures: export_failures }
+    }
+}
+
 impl AppAttrs {
+    /// The total that the app's sockets' send queues add their queued bytes to.
+    pub fn send_queue(&self) -> Arc<AtomicUsize> {
+        self.send_queue.clone()
+    }
+
     /// The app's cache-channel instruments (`None` for `unknown`, which stores no events).
     pub fn cache_meter(&self) -> Option<CacheMeter> {
         self.cache.clone()
@@ -483,6 +632,7 @@ impl AppAttrs {
             with(&[KeyValue::new("limiter_type", kind), KeyValue::new("request_context", ctx)])
         });
         let webhooks = WEBHOOK_OUTCOMES.map(|o| with(&[KeyValue::new("outcome", o)]));
-        Self { base, hot: None, cache: None, channel, errors, latency, limiter, webhooks }
+        let send_queue = Arc::default();
+        Self { base, hot: None, cache: None, channel, errors, latency, limiter, webhooks, send_queue }
     }
 }

@@ -29,6 +29,9 @@ const EXPORT_QUEUE: usize = 4096;
 /// The providers and the registry `/metrics` renders.
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
+    /// The instruments read at collection time (runtime, export failures); kept with the
+    /// provider they were registered on.
+    _observers: metrics::Observers,
     registry: Option<prometheus::Registry>,
     meter_provider: SdkMeterProvider,
     tracer_provider: SdkTracerProvider,
@@ -92,6 +95,7 @@ impl Telemetry {
             None
         };
 
+        let failures = Arc::new(otlp::ExportFailures::default());
         let mut meters = SdkMeterProvider::builder().with_resource(resource.clone());
         let mut registry = None;
         if config.metrics.enabled && drivers.contains(&"prometheus") {
@@ -110,7 +114,7 @@ impl Telemetry {
             registry = Some(r);
         }
         if let (true, true, Some(rt)) = (config.metrics.enabled, drivers.contains(&"otlp"), &export_rt) {
-            if let Some(exporter) = otlp::metric_exporter(o, rt.handle())? {
+            if let Some(exporter) = otlp::metric_exporter(o, rt.handle(), &failures)? {
                 let reader = PeriodicReader::builder(exporter)
                     .with_interval(Duration::from_millis(o.metric_export_interval_ms))
                     .build();
@@ -118,11 +122,13 @@ impl Telemetry {
             }
         }
         let meter_provider = meters.build();
-        let metrics = Arc::new(Metrics::new(&meter_provider.meter("sockudo"), port));
+        let meter = meter_provider.meter("sockudo");
+        let metrics = Arc::new(Metrics::new(&meter, port));
+        let observers = metrics::Observers::register(&meter, port, failures.clone());
 
         let mut tracers = SdkTracerProvider::builder().with_resource(resource.clone()).with_sampler(sampler(config));
         if let Some(rt) = &export_rt {
-            if let Some(exporter) = otlp::span_exporter(o, rt.handle())? {
+            if let Some(exporter) = otlp::span_exporter(o, rt.handle(), &failures)? {
                 let batch = BatchConfigBuilder::default().with_max_queue_size(EXPORT_QUEUE).build();
                 tracers =
                     tracers.with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batch).build());
@@ -131,7 +137,7 @@ impl Telemetry {
         let tracer_provider = tracers.build();
 
         let logger_provider = match &export_rt {
-            Some(rt) => otlp::log_exporter(o, rt.handle())?.map(|exporter| {
+            Some(rt) => otlp::log_exporter(o, rt.handle(), &failures)?.map(|exporter| {
                 let batch =
                     opentelemetry_sdk::logs::BatchConfigBuilder::default().with_max_queue_size(EXPORT_QUEUE).build();
                 let processor =
@@ -143,6 +149,7 @@ impl Telemetry {
 
         Ok(Self {
             metrics,
+            _observers: observers,
             registry,
             meter_provider,
             tracer_provider,

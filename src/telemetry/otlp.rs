@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
@@ -26,21 +26,33 @@ use crate::config::{OtelConfig, Signal};
 /// Failed exports are logged at most this often (with the count since the last warning).
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
+/// Failed export batches of each signal (`traces`, `metrics`, `logs`, the order of
+/// [`crate::telemetry::metrics::EXPORT_SIGNALS`]), read by `telemetry_export_failures_total`.
+#[derive(Debug, Default)]
+pub struct ExportFailures(pub [AtomicU64; 3]);
+
+impl ExportFailures {
+    fn slot(&self, signal: &str) -> &AtomicU64 {
+        let i = crate::telemetry::metrics::EXPORT_SIGNALS.iter().position(|s| *s == signal).unwrap_or(0);
+        &self.0[i]
+    }
+}
+
 /// Counts failed exports of one signal and rate-limits the warning about them.
 struct Failures {
     signal: &'static str,
-    failed: AtomicU64,
+    counts: Arc<ExportFailures>,
     last_warn: Mutex<Option<Instant>>,
 }
 
 impl Failures {
-    fn new(signal: &'static str) -> Self {
-        Self { signal, failed: AtomicU64::new(0), last_warn: Mutex::new(None) }
+    fn new(signal: &'static str, counts: Arc<ExportFailures>) -> Self {
+        Self { signal, counts, last_warn: Mutex::new(None) }
     }
 
     fn record(&self, result: &OTelSdkResult) {
         let Err(err) = result else { return };
-        let total = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.counts.slot(self.signal).fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
             *last = Some(Instant::now());
@@ -64,8 +76,8 @@ impl<E> fmt::Debug for OnRuntime<E> {
 }
 
 impl<E> OnRuntime<E> {
-    fn new(inner: E, rt: Handle, signal: &'static str) -> Self {
-        Self { inner, rt, failures: Failures::new(signal) }
+    fn new(inner: E, rt: Handle, signal: &'static str, counts: Arc<ExportFailures>) -> Self {
+        Self { inner, rt, failures: Failures::new(signal, counts) }
     }
 
     /// Runs an export future to completion on the export runtime. Called on the SDK's own
@@ -153,28 +165,34 @@ macro_rules! build_exporter {
 pub fn span_exporter(
     c: &OtelConfig,
     rt: &Handle,
+    counts: &Arc<ExportFailures>,
 ) -> anyhow::Result<Option<OnRuntime<opentelemetry_otlp::SpanExporter>>> {
     let Some(endpoint) = c.endpoint_for(Signal::Traces) else { return Ok(None) };
     let _guard = rt.enter();
     let exporter = build_exporter!(opentelemetry_otlp::SpanExporter::builder(), c, endpoint)?;
-    Ok(Some(OnRuntime::new(exporter, rt.clone(), "traces")))
+    Ok(Some(OnRuntime::new(exporter, rt.clone(), "traces", counts.clone())))
 }
 
 /// The metric exporter, when metrics are pushed.
 pub fn metric_exporter(
     c: &OtelConfig,
     rt: &Handle,
+    counts: &Arc<ExportFailures>,
 ) -> anyhow::Result<Option<OnRuntime<opentelemetry_otlp::MetricExporter>>> {
     let Some(endpoint) = c.endpoint_for(Signal::Metrics) else { return Ok(None) };
     let _guard = rt.enter();
     let exporter = build_exporter!(opentelemetry_otlp::MetricExporter::builder(), c, endpoint)?;
-    Ok(Some(OnRuntime::new(exporter, rt.clone(), "metrics")))
+    Ok(Some(OnRuntime::new(exporter, rt.clone(), "metrics", counts.clone())))
 }
 
 /// The log exporter, when logs are exported.
-pub fn log_exporter(c: &OtelConfig, rt: &Handle) -> anyhow::Result<Option<OnRuntime<opentelemetry_otlp::LogExporter>>> {
+pub fn log_exporter(
+    c: &OtelConfig,
+    rt: &Handle,
+    counts: &Arc<ExportFailures>,
+) -> anyhow::Result<Option<OnRuntime<opentelemetry_otlp::LogExporter>>> {
     let Some(endpoint) = c.endpoint_for(Signal::Logs) else { return Ok(None) };
     let _guard = rt.enter();
     let exporter = build_exporter!(opentelemetry_otlp::LogExporter::builder(), c, endpoint)?;
-    Ok(Some(OnRuntime::new(exporter, rt.clone(), "logs")))
+    Ok(Some(OnRuntime::new(exporter, rt.clone(), "logs", counts.clone())))
 }

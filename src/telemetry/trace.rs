@@ -1,8 +1,12 @@
 //! Trace context on the wire: the HTTP server span of every API request (continuing an
-//! incoming W3C `traceparent`), and `traceparent` strings for carrying a span across nodes.
+//! incoming W3C `traceparent`) and its duration in `http_server_request_duration_seconds`,
+//! and `traceparent` strings for carrying a span across nodes.
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -48,12 +52,26 @@ impl Injector for Capture {
     }
 }
 
+/// The app a handler resolved the request to, put in the response's extensions so that the
+/// request's duration is labelled with it (`unknown` when there is none).
+#[derive(Debug, Clone)]
+pub struct RequestApp(pub String);
+
 /// Axum middleware: one server span per API request, named by its route template, child of
-/// the caller's `traceparent` when there is one. WebSocket upgrades get no HTTP span.
-pub async fn http_span(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+/// the caller's `traceparent` when there is one, and its duration by app, method, route
+/// template and status class. WebSocket upgrades get neither.
+pub async fn http_span(
+    State(metrics): State<Arc<super::Metrics>>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let upgrade = req.headers().contains_key(header::UPGRADE);
     let route = match &matched {
-        Some(m) if m.as_str() != "/app/{key}" => m.as_str().to_owned(),
+        Some(m) if m.as_str() != "/app/{key}" && !upgrade => m.as_str().to_owned(),
         Some(_) => return next.run(req).await,
+        None if upgrade => return next.run(req).await,
         None => "unmatched".to_owned(),
     };
     let method = req.method().as_str().to_owned();
@@ -77,6 +95,9 @@ pub async fn http_span(matched: Option<MatchedPath>, req: Request, next: Next) -
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
+    let app = response.extensions().get::<RequestApp>().map(|a| a.0.as_str());
+    let template = matched.as_ref().map(MatchedPath::as_str);
+    metrics.http_request(app, &method, template, status.as_u16(), started.elapsed().as_secs_f64());
     response
 }
 

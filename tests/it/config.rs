@@ -191,5 +191,8 @@ fn shipped_example_configs_are_valid() {
         checked.push(name);
     }
     checked.sort();
-    assert_eq!(checked, ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json", "tls.toml"]);
+    assert_eq!(
+        checked,
+        ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json", "tls.toml"]
+    );
 }

@@ -14,6 +14,7 @@ mod fuzz_regressions;
 mod hostile;
 mod isolation;
 mod metrics;
+mod metrics_ops;
 mod overload;
 mod protocol;
 mod rate_limits;
