@@ -547,9 +547,13 @@ impl Metrics {
 /// own counts (tokio's stable runtime metrics) and the OTLP export failures. Dropping them
 /// would not unregister their callbacks; they are kept to say whose they are.
 pub struct Observers {
-    _runtime: Option<(ObservableGauge<u64>, ObservableGauge<u64>, ObservableGauge<u64>, ObservableCounter<f64>)>,
+    _runtime: Option<RuntimeObservers>,
     _export_failures: ObservableCounter<u64>,
 }
+
+/// `runtime_workers`, `runtime_alive_tasks`, `runtime_global_queue_depth` and
+/// `runtime_worker_busy_seconds_total`.
+type RuntimeObservers = (ObservableGauge<u64>, ObservableGauge<u64>, ObservableGauge<u64>, ObservableCounter<f64>);
 
 impl Observers {
     /// Registers the collection-time instruments on `meter`. The runtime family is there only
