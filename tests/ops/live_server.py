@@ -77,6 +77,7 @@ MUST_BE_EMPTY = {
     "SockudoWebhookFailures": "no app of the test config has webhooks: no delivery can fail or be dropped",
     "SockudoTargetMissing": "absent(up{job=\"sockudo\"}): the sockudo job has its target",
     "SockudoMetricsMissing": "every scraped sockudo target exposes sockudo_build_info",
+    "SockudoTelemetryExportFailing": "the live nodes export no OTLP: no export can fail",
 }
 
 # ------------------------------------------------------------------ excluded expressions
