@@ -106,15 +106,19 @@ fn enable(ssl: &mut sockudo::config::SslConfig, files: &Issued) {
     ssl.key_path = files.key.display().to_string();
 }
 
+/// A server on TLS with `cert`, and a one-second header (and handshake) deadline.
+async fn tls_server(cert: &Issued) -> TestServer {
+    TestServer::start_with(|c| {
+        enable(&mut c.ssl, cert);
+        c.http_api.header_read_timeout_seconds = 1;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn wss_and_https_share_the_tls_port() {
     let ca = TestCa::new("listener");
-    let cert = ca.issue("server");
-    let server = TestServer::start_with(|c| {
-        enable(&mut c.ssl, &cert);
-        c.http_api.header_read_timeout_seconds = 1;
-    })
-    .await;
+    let server = tls_server(&ca.issue("server")).await;
     let mut client = wss_client(server.port, &ca).await;
     client.subscribe("tls-channel").await;
     let http = https(&ca);
@@ -133,12 +137,7 @@ async fn wss_and_https_share_the_tls_port() {
 #[tokio::test]
 async fn plain_text_clients_of_the_tls_port_fail_cleanly() {
     let ca = TestCa::new("plain");
-    let cert = ca.issue("server");
-    let server = TestServer::start_with(|c| {
-        enable(&mut c.ssl, &cert);
-        c.http_api.header_read_timeout_seconds = 1;
-    })
-    .await;
+    let server = tls_server(&ca.issue("server")).await;
     // A ws:// client is told, in plain HTTP, that the port speaks TLS.
     let url = server.ws_url(KEY, "protocol=7");
     let err = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
