@@ -763,6 +763,7 @@ mod tests {
             secret: "7ad3773142a6692b25b8".into(),
             addr: "127.0.0.1:6001".parse().expect("literal address"),
             timeout: Duration::from_secs(1),
+            tls: None,
         };
         assert_eq!(
             channel_auth(&t, "1234.1234", "private-foobar", None),

@@ -340,6 +340,11 @@ impl Session {
     /// reading ones go to the receiver threads as soon as they are subscribed.
     pub async fn open(target: &Target, params: SessionParams, server_pid: Option<u32>) -> Result<Self, String> {
         let channels = params.channels.max(1);
+        if target.tls.is_some() && params.stalled > 0 {
+            // Stalled subscribers are watched on their bare sockets (stalled.rs), which know
+            // nothing of a TLS session.
+            return Err("--stalled is not supported over TLS".into());
+        }
         let run_id = format!("{}-{}", std::process::id(), now_nanos() % 1_000_000);
         let channel_names: Vec<String> = (0..channels).map(|c| format!("bench-{run_id}-{c}")).collect();
         let channel_arcs: Vec<Arc<str>> = channel_names.iter().map(|c| Arc::from(c.as_str())).collect();
@@ -408,6 +413,7 @@ impl Session {
                                 reader: sub.reader,
                                 channel_index,
                                 channel: channel_arcs[channel_index].clone(),
+                                tls: sub.tls,
                             });
                         }
                     }

@@ -6,8 +6,9 @@
 //! (idle subscribed connections: connect rate and server memory per connection), `churn`
 //! (connect/subscribe/unsubscribe/disconnect cycles per second; with `--metrics-port`, checks
 //! that the server returns to its baseline), `flood` (connections and publishes past the
-//! saturation point: refusal codes, recovery time) and `soak` (do the gauges equal the true
-//! counts over a long run). Each prints a progress line once a
+//! saturation point: refusal codes, recovery time), `soak` (do the gauges equal the true
+//! counts over a long run) and `handshakes` (connections opened to the welcome per second,
+//! with the time of each step; `--tls` for `wss://`). Each prints a progress line once a
 //! second on stderr and a table at the end on stdout, or one JSON object with `--json`;
 //! `--markdown FILE` appends a summary row for `benches/run.sh`.
 
@@ -15,6 +16,7 @@ mod churn;
 mod connections;
 mod fanout;
 mod flood;
+mod handshakes;
 mod locate;
 mod pusher;
 mod rawsub;
@@ -24,6 +26,7 @@ mod saturation;
 mod soak;
 mod stalled;
 mod sys;
+mod tls;
 mod wire;
 
 use std::path::PathBuf;
@@ -85,6 +88,16 @@ struct Common {
     /// Longest wait for --quiet-below, in seconds (then the scenario runs anyway).
     #[arg(long, global = true, default_value_t = 300.0)]
     quiet_wait: f64,
+    /// Speak TLS: wss:// and https:// (fanout, saturation and handshakes). Every connection
+    /// makes a full handshake (no session resumption).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// PEM file of the certificates to trust instead of the system's roots (implies --tls).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The name the server's certificate is checked against (default: --host).
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +114,21 @@ enum Scenario {
     Flood(FloodArgs),
     /// Random opens, closes, subscribes and unsubscribes; the gauges must equal the true counts.
     Soak(SoakArgs),
+    /// Open N connections to pusher:connection_established (TCP, TLS with --tls, upgrade); rate and CPU per handshake.
+    Handshakes(HandshakesArgs),
+}
+
+#[derive(Args, Debug)]
+struct HandshakesArgs {
+    /// Connections to open (held until the last one is in, then dropped).
+    #[arg(long, short = 'n', default_value_t = 5000)]
+    connections: usize,
+    /// Connections being opened at a time.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Loopback source addresses to cycle over (the closed connections' TIME_WAIT spreads over them).
+    #[arg(long, default_value_t = 4)]
+    source_addrs: usize,
 }
 
 #[derive(Args, Debug)]
@@ -356,6 +384,7 @@ const UNSHOWN: &[&str] = &[
     "--secret",
     "--quiet-below",
     "--quiet-wait",
+    "--ca",
 ];
 
 /// The command line as given, without the flags in [`UNSHOWN`] and `--json`.
@@ -396,7 +425,17 @@ fn emit<T: Serialize>(common: &Common, report: &T, print: impl FnOnce(), md: (St
 async fn run(cli: Cli) -> Result<(), String> {
     let c = &cli.common;
     let timeout = sys::secs(c.timeout.max(0.1));
-    let target = pusher::Target::resolve(&c.host, c.port, &c.app_id, &c.key, &c.secret, timeout).await?;
+    let tls = if c.tls || c.ca.is_some() {
+        let speaks_tls =
+            matches!(cli.scenario, Scenario::Fanout(_) | Scenario::Saturation(_) | Scenario::Handshakes(_));
+        if !speaks_tls {
+            return Err("--tls: only fanout, saturation and handshakes speak TLS".into());
+        }
+        Some(tls::TlsTarget::new(c.ca.as_deref(), c.tls_name.as_deref().unwrap_or(&c.host))?)
+    } else {
+        None
+    };
+    let target = pusher::Target::resolve(&c.host, c.port, &c.app_id, &c.key, &c.secret, timeout, tls).await?;
     let nofile = sys::raise_nofile_limit();
     let budget = match &cli.scenario {
         Scenario::Fanout(a) => {
@@ -427,6 +466,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Scenario::Flood(a) => a.duration + a.recovery_timeout + 6.0 * c.timeout + 60.0,
         Scenario::Soak(a) => a.minutes * 60.0 + 2.0 * (a.settle + 4.0 * c.timeout) + 60.0,
+        Scenario::Handshakes(a) => open_budget(a.connections, a.concurrency, c.timeout) + 60.0,
     };
     let quiet = (c.quiet_below / 100.0).clamp(0.0, 1.0);
     // With --quiet-below, a waiting period, and a disturbed fanout or churn run is repeated.
@@ -547,6 +587,18 @@ async fn run(cli: Cli) -> Result<(), String> {
                     return Err("soak: mismatches or failed operations (see the report)".into());
                 }
             }
+            Scenario::Handshakes(a) => {
+                let params = handshakes::HandshakeParams {
+                    connections: a.connections,
+                    concurrency: a.concurrency.max(1),
+                    source_addrs: a.source_addrs.min(254),
+                };
+                let r = handshakes::run(&target, params, c.server_pid).await?;
+                emit(c, &r, || r.print(), r.markdown(), "handshakes");
+                if r.opened == 0 && r.params.connections > 0 {
+                    return Err(format!("handshakes: no connection opened ({})", r.first_failure.unwrap_or_default()));
+                }
+            }
         }
         Ok::<(), String>(())
     };
@@ -609,6 +661,12 @@ mod tests {
     fn shows_the_command_without_target_flags() {
         let args = ["b", "--port", "1", "fanout", "--rate", "5", "--json", "--secret=x", "--markdown", "f.md"];
         assert_eq!(command_line(args.iter().map(|s| (*s).to_owned())), "sockudo-bench fanout --rate 5");
+    }
+
+    #[test]
+    fn hides_the_ca_path() {
+        let args = ["b", "--tls", "--ca", "/tmp/x/ca.pem", "handshakes", "-n", "10"];
+        assert_eq!(command_line(args.iter().map(|s| (*s).to_owned())), "sockudo-bench --tls handshakes -n 10");
     }
 
     #[test]

@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::tls::TlsTarget;
+
 /// A client WebSocket.
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -33,6 +35,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Bound on each step of opening a connection (TCP, handshake, welcome, subscription).
     pub timeout: Duration,
+    /// `wss://` and `https://` instead of `ws://` and `http://`.
+    pub tls: Option<TlsTarget>,
 }
 
 impl Target {
@@ -44,6 +48,7 @@ impl Target {
         key: &str,
         secret: &str,
         timeout: Duration,
+        tls: Option<TlsTarget>,
     ) -> Result<Self, String> {
         let addr = tokio::net::lookup_host((host, port))
             .await
@@ -58,6 +63,7 @@ impl Target {
             secret: secret.to_owned(),
             addr,
             timeout,
+            tls,
         })
     }
 
@@ -72,7 +78,8 @@ impl Target {
 
     /// The WebSocket URL of the app.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}{}", self.authority(), self.ws_path())
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.authority(), self.ws_path())
     }
 
     /// The path and query of the app's WebSocket endpoint.
@@ -100,6 +107,8 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Tcp,
+    /// The TLS handshake (`wss://` targets).
+    Tls,
     Handshake,
     Welcome,
     Subscribe,
@@ -111,6 +120,7 @@ impl Stage {
     pub fn name(self) -> &'static str {
         match self {
             Stage::Tcp => "tcp_connect",
+            Stage::Tls => "tls_handshake",
             Stage::Handshake => "ws_handshake",
             Stage::Welcome => "connection_established",
             Stage::Subscribe => "subscribe",
@@ -299,7 +309,11 @@ pub enum PublishOutcome {
 impl Publisher {
     /// `pool` is the number of keep-alive connections kept open (the publish concurrency).
     pub fn new(target: &Target, pool: usize) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        let builder = match &target.tls {
+            Some(tls) => reqwest::Client::builder().use_preconfigured_tls((*tls.config).clone()),
+            None => reqwest::Client::builder(),
+        };
+        let client = builder
             .no_proxy()
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -311,7 +325,7 @@ impl Publisher {
         let path = format!("/apps/{}/events", target.app_id);
         Ok(Self {
             client,
-            url: format!("http://{}{}", target.authority(), path),
+            url: format!("{}://{}{}", if target.tls.is_some() { "https" } else { "http" }, target.authority(), path),
             path,
             key: target.key.clone(),
             secret: target.secret.clone(),
@@ -370,6 +384,7 @@ mod tests {
             secret: "7ad3773142a6692b25b8".into(),
             addr: "127.0.0.1:6001".parse().expect("literal address"),
             timeout: Duration::from_secs(1),
+            tls: None,
         }
     }
 

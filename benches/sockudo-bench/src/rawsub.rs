@@ -4,12 +4,20 @@
 //! back the plain nonblocking socket together with every byte read past the subscription reply,
 //! so the receiver that takes the socket over starts exactly where this left off (a WebSocket
 //! library would keep such bytes in a buffer it does not give back).
+//!
+//! On a `wss://` target the TLS handshake (tokio-rustls) comes between the TCP connect and the
+//! upgrade; the rustls session is handed over with the socket (and whatever it has decrypted
+//! but not yet given out), and the receiver goes on decrypting with it. The plain path is the
+//! same code on the bare socket.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rustls::ClientConnection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 
 use crate::locate;
 use crate::pusher::{self, fail, Failure, Stage, Target};
@@ -23,6 +31,8 @@ pub struct Subscribed {
     pub leftover: Vec<u8>,
     pub reader: Reader,
     pub local: SocketAddr,
+    /// The TLS session on a `wss://` target (it may hold decrypted bytes not yet read).
+    pub tls: Option<Box<ClientConnection>>,
 }
 
 /// How to open a subscriber.
@@ -62,9 +72,15 @@ fn set_max_segment(socket: &TcpSocket, mss: u32) -> std::io::Result<()> {
     }
 }
 
+/// The socket of a connection being opened: bare, or under TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 /// A connection in the middle of being opened.
 struct Conn {
-    stream: TcpStream,
+    stream: Io,
     buf: Vec<u8>,
     pos: usize,
     reader: Reader,
@@ -74,12 +90,25 @@ struct Conn {
 
 impl Conn {
     async fn write_all(&mut self, mut bytes: &[u8], stage: Stage) -> Result<(), Failure> {
+        let stream = match &mut self.stream {
+            Io::Plain(s) => s,
+            Io::Tls(s) => {
+                let write = async {
+                    s.write_all(bytes).await?;
+                    s.flush().await
+                };
+                return tokio::time::timeout(self.timeout, write)
+                    .await
+                    .map_err(|_| fail(stage, "write timed out"))?
+                    .map_err(|e| fail(stage, e));
+            }
+        };
         while !bytes.is_empty() {
-            tokio::time::timeout(self.timeout, self.stream.writable())
+            tokio::time::timeout(self.timeout, stream.writable())
                 .await
                 .map_err(|_| fail(stage, "write timed out"))?
                 .map_err(|e| fail(stage, e))?;
-            match self.stream.try_write(bytes) {
+            match stream.try_write(bytes) {
                 Ok(n) => bytes = &bytes[n..],
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(fail(stage, e)),
@@ -94,11 +123,26 @@ impl Conn {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
+        let stream = match &mut self.stream {
+            Io::Plain(s) => s,
+            Io::Tls(s) => {
+                let len = self.buf.len();
+                self.buf.resize(len + 16 * 1024, 0);
+                let read = s.read(&mut self.buf[len..]).await;
+                let n = read.as_ref().map_or(0, |n| *n);
+                self.buf.truncate(len + n);
+                return match read {
+                    Ok(0) => Err(fail(stage, "connection closed")),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(fail(stage, e)),
+                };
+            }
+        };
         loop {
-            self.stream.readable().await.map_err(|e| fail(stage, e))?;
+            stream.readable().await.map_err(|e| fail(stage, e))?;
             let len = self.buf.len();
             self.buf.resize(len + 16 * 1024, 0);
-            match self.stream.try_read(&mut self.buf[len..]) {
+            match stream.try_read(&mut self.buf[len..]) {
                 Ok(0) => {
                     self.buf.truncate(len);
                     return Err(fail(stage, "connection closed"));
@@ -176,9 +220,29 @@ impl Conn {
     }
 }
 
-/// Connects, upgrades, waits for the welcome, subscribes to `channel` and waits for the
-/// subscription reply. Every step is bounded by `target.timeout`.
-pub async fn open_subscribed(target: &Target, channel: &str, opts: OpenOptions) -> Result<Subscribed, Failure> {
+/// When each step of opening a connection ended, counted from just before the TCP connect.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub tcp: Duration,
+    /// `None` on a plain target.
+    pub tls: Option<Duration>,
+    /// `pusher:connection_established` read.
+    pub welcome: Duration,
+}
+
+/// A connection that has had its `pusher:connection_established` (and nothing more).
+pub struct Welcomed {
+    conn: Conn,
+    local: SocketAddr,
+    pub timings: Timings,
+    /// What the TLS handshake agreed on (see [`crate::tls::describe`]).
+    pub tls_session: Option<String>,
+}
+
+/// Connects (then the TLS handshake on a `wss://` target), upgrades and waits for the welcome.
+/// Every step is bounded by `target.timeout`.
+pub async fn open_welcomed(target: &Target, opts: OpenOptions) -> Result<Welcomed, Failure> {
+    let t0 = Instant::now();
     let socket = pusher::tcp_socket(target)?;
     if let Some(size) = opts.recv_buffer {
         socket.set_recv_buffer_size(size).map_err(|e| fail(Stage::Tcp, format!("SO_RCVBUF: {e}")))?;
@@ -188,6 +252,18 @@ pub async fn open_subscribed(target: &Target, channel: &str, opts: OpenOptions) 
     }
     let stream = pusher::connect_tcp(target, socket, opts.source).await?;
     let local = stream.local_addr().map_err(|e| fail(Stage::Tcp, e))?;
+    let tcp = t0.elapsed();
+    let (stream, tls, tls_session) = match &target.tls {
+        None => (Io::Plain(stream), None, None),
+        Some(tls) => {
+            let s = tokio::time::timeout(target.timeout, tls.connector().connect(tls.name.clone(), stream))
+                .await
+                .map_err(|_| fail(Stage::Tls, "timed out"))?
+                .map_err(|e| fail(Stage::Tls, e))?;
+            let session = crate::tls::describe(s.get_ref().1);
+            (Io::Tls(Box::new(s)), Some(t0.elapsed()), Some(session))
+        }
+    };
     let mut masks = Masks::new(crate::sys::now_nanos() ^ (u64::from(local.port()) << 48));
     let nonce: Vec<u8> = (0..2).flat_map(|_| masks.next_u64().to_le_bytes()).collect();
     let key = wire::base64(&nonce);
@@ -209,11 +285,26 @@ pub async fn open_subscribed(target: &Target, channel: &str, opts: OpenOptions) 
     c.pos = head;
 
     c.wait_event("pusher:connection_established", None, Stage::Welcome).await?;
+    let timings = Timings { tcp, tls, welcome: t0.elapsed() };
+    Ok(Welcomed { conn: c, local, timings, tls_session })
+}
+
+/// Connects, upgrades, waits for the welcome, subscribes to `channel` and waits for the
+/// subscription reply. Every step is bounded by `target.timeout`.
+pub async fn open_subscribed(target: &Target, channel: &str, opts: OpenOptions) -> Result<Subscribed, Failure> {
+    let Welcomed { conn: mut c, local, .. } = open_welcomed(target, opts).await?;
     let subscribe = crate::pusher::subscribe_json(channel);
     c.send_frame(wire::OP_TEXT, subscribe.as_bytes(), Stage::Subscribe).await?;
     c.wait_event("pusher_internal:subscription_succeeded", Some(channel), Stage::Subscribe).await?;
 
     let leftover = c.buf.split_off(c.pos);
-    let stream = c.stream.into_std().map_err(|e| fail(Stage::Subscribe, e))?;
-    Ok(Subscribed { stream, leftover, reader: c.reader, local })
+    let (stream, tls) = match c.stream {
+        Io::Plain(s) => (s, None),
+        Io::Tls(s) => {
+            let (s, session) = s.into_inner();
+            (s, Some(Box::new(session)))
+        }
+    };
+    let stream = stream.into_std().map_err(|e| fail(Stage::Subscribe, e))?;
+    Ok(Subscribed { stream, leftover, reader: c.reader, local, tls })
 }

@@ -14,6 +14,11 @@
 //! much of a small machine the measurement itself takes. Before each read the socket is put in
 //! delayed-ACK mode, which takes the ACK (and, over loopback, the server socket's processing of
 //! it) out of that `recv()`.
+//!
+//! Over TLS a connection carries its rustls session: the same single `read()` (and the same
+//! receive time) brings in ciphertext, which the session decrypts into the thread's buffer
+//! before the same decoder runs; replies are encrypted by the session and written from it.
+//! Sockets without a session take the plain path unchanged.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -26,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rustls::ClientConnection;
 use tokio::sync::oneshot;
 
 use crate::locate::{self, Fields};
@@ -78,6 +84,8 @@ pub struct NewSub {
     pub reader: Reader,
     pub channel_index: usize,
     pub channel: Arc<str>,
+    /// The TLS session (`wss://`): it may already hold decrypted bytes past `leftover`.
+    pub tls: Option<Box<ClientConnection>>,
 }
 
 /// One receiver thread's account of a step.
@@ -196,6 +204,7 @@ impl Receivers {
                 conns: Vec::new(),
                 open: 0,
                 rbuf: vec![0; CHUNK],
+                tbuf: Vec::new(),
                 book: Book { steps: Vec::new(), accounted_upto: 0, channels },
                 counters: counters.clone(),
                 scratch: Vec::new(),
@@ -462,6 +471,8 @@ fn on_text(msg: &[u8], now: u64, to: &To<'_>, book: &mut Book, scratch: &mut Vec
 
 struct Conn {
     stream: Option<TcpStream>,
+    /// The TLS session on a `wss://` target.
+    tls: Option<Box<ClientConnection>>,
     reader: Reader,
     /// A partial frame left from the last read.
     pending: Vec<u8>,
@@ -482,6 +493,8 @@ struct Worker {
     conns: Vec<Conn>,
     open: usize,
     rbuf: Vec<u8>,
+    /// Ciphertext of one `read()` on a TLS connection (empty until one is added).
+    tbuf: Vec<u8>,
     book: Book,
     counters: Arc<Counters>,
     scratch: Vec<u8>,
@@ -566,6 +579,7 @@ impl Worker {
         let fd = sub.stream.as_raw_fd();
         self.conns.push(Conn {
             stream: Some(sub.stream),
+            tls: sub.tls,
             reader: sub.reader,
             pending: sub.leftover,
             out: Vec::new(),
@@ -580,9 +594,24 @@ impl Worker {
         }
         // Frames that came with the subscription reply are handled now, not at the next read.
         let p = self.conns[idx].pending.len();
-        if p > 0 {
+        if self.rbuf.len() < p {
+            self.rbuf.resize(p, 0);
+        }
+        let mut len = p;
+        if let Some(tls) = self.conns[idx].tls.as_deref_mut() {
+            // Records the opening path read but did not hand out: edge-triggered epoll will
+            // not report them again.
+            match drain_plaintext(tls, &mut self.rbuf, p) {
+                Ok(n) => len = n,
+                Err(how) => {
+                    self.end(idx, how);
+                    return;
+                }
+            }
+        }
+        if len > 0 {
             self.rbuf[..p].copy_from_slice(&self.conns[idx].pending);
-            self.consume(idx, p, now_nanos());
+            self.consume(idx, len, now_nanos());
             self.flush(idx);
         }
     }
@@ -610,6 +639,10 @@ impl Worker {
     }
 
     fn on_readable(&mut self, idx: usize) {
+        if self.conns[idx].tls.is_some() {
+            self.on_readable_tls(idx);
+            return;
+        }
         loop {
             let conn = &mut self.conns[idx];
             let Some(stream) = &conn.stream else {
@@ -634,6 +667,81 @@ impl Worker {
                     let now = now_nanos();
                     self.reads += 1;
                     if !self.consume(idx, p + n, now) {
+                        return;
+                    }
+                    if n < CHUNK {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.end(idx, format!("error: {}", e.kind()));
+                    return;
+                }
+            }
+        }
+        self.flush(idx);
+    }
+
+    /// [`Worker::on_readable`] for a TLS connection: one `read()` of ciphertext (the receive
+    /// time is taken right after it, as on the plain path), decrypted into `rbuf` after the
+    /// partial frame left last time, then decoded the same way.
+    fn on_readable_tls(&mut self, idx: usize) {
+        loop {
+            let Worker { conns, rbuf, tbuf, .. } = self;
+            let conn = &mut conns[idx];
+            let (Some(stream), Some(tls)) = (&conn.stream, conn.tls.as_deref_mut()) else {
+                return;
+            };
+            if tbuf.len() < CHUNK {
+                tbuf.resize(CHUNK, 0);
+            }
+            if self.delayed_acks {
+                delay_ack(stream.as_raw_fd());
+            }
+            let read = (&*stream).read(&mut tbuf[..CHUNK]);
+            match read {
+                Ok(0) => {
+                    let p = conn.pending.len();
+                    let how = if p > 0 || conn.reader.in_message() { "EOF mid-frame" } else { "EOF" };
+                    self.end(idx, how.to_owned());
+                    return;
+                }
+                Ok(n) => {
+                    let now = now_nanos();
+                    self.reads += 1;
+                    let p = conn.pending.len();
+                    if rbuf.len() < p {
+                        rbuf.resize(p, 0);
+                    }
+                    rbuf[..p].copy_from_slice(&conn.pending);
+                    let mut len = p;
+                    let mut src = &tbuf[..n];
+                    let mut failed = None;
+                    while !src.is_empty() {
+                        match tls.read_tls(&mut src) {
+                            // close_notify came: nothing more is read.
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                failed = Some(format!("tls error: {e}"));
+                                break;
+                            }
+                        }
+                        match drain_plaintext(tls, rbuf, len) {
+                            Ok(l) => len = l,
+                            Err(how) => {
+                                failed = Some(how);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(how) = failed {
+                        self.end(idx, how);
+                        return;
+                    }
+                    if !self.consume(idx, len, now) {
                         return;
                     }
                     if n < CHUNK {
@@ -713,7 +821,14 @@ impl Worker {
             }
             Some(how) => {
                 if let Some(s) = &conn.stream {
-                    let _ = (&*s).write(&conn.out);
+                    match conn.tls.as_deref_mut() {
+                        None => {
+                            let _ = (&*s).write(&conn.out);
+                        }
+                        Some(tls) => {
+                            let _ = write_tls(tls, s, &mut conn.out);
+                        }
+                    }
                 }
                 self.end(idx, how);
                 false
@@ -729,24 +844,35 @@ impl Worker {
             return;
         };
         let mut failed = None;
-        while !conn.out.is_empty() {
-            match (&*stream).write(&conn.out) {
-                Ok(n) => {
-                    conn.out.drain(..n);
+        let want = match conn.tls.as_deref_mut() {
+            None => {
+                while !conn.out.is_empty() {
+                    match (&*stream).write(&conn.out) {
+                        Ok(n) => {
+                            conn.out.drain(..n);
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            failed = Some(format!("error: {}", e.kind()));
+                            break;
+                        }
+                    }
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    failed = Some(format!("error: {}", e.kind()));
-                    break;
-                }
+                !conn.out.is_empty()
             }
-        }
+            Some(tls) => match write_tls(tls, stream, &mut conn.out) {
+                Ok(want) => want,
+                Err(how) => {
+                    failed = Some(how);
+                    true
+                }
+            },
+        };
         if let Some(how) = failed {
             self.end(idx, how);
             return;
         }
-        let want = !conn.out.is_empty();
         if want != conn.writing {
             let events = if want { READ_EVENTS | libc::EPOLLOUT as u32 } else { READ_EVENTS };
             if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, stream.as_raw_fd(), events, idx as u64).is_ok() {
@@ -768,6 +894,7 @@ impl Worker {
         }
         conn.pending = Vec::new();
         conn.out = Vec::new();
+        conn.tls = None;
     }
 
     /// Sends every open connection a close frame; the server's answer (or EOF) ends each.
@@ -784,6 +911,45 @@ impl Worker {
             }
         }
     }
+}
+
+/// Moves every byte `tls` has decrypted into `buf[len..]` (growing it); the new length, or
+/// why the session failed.
+fn drain_plaintext(tls: &mut ClientConnection, buf: &mut Vec<u8>, mut len: usize) -> Result<usize, String> {
+    tls.process_new_packets().map_err(|e| format!("tls error: {e}"))?;
+    loop {
+        if buf.len() - len < 16 * 1024 {
+            buf.resize(len + CHUNK, 0);
+        }
+        match tls.reader().read(&mut buf[len..]) {
+            // close_notify: the EOF that follows ends the connection.
+            Ok(0) => return Ok(len),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(len),
+            Err(e) => return Err(format!("tls error: {e}")),
+        }
+    }
+}
+
+/// Hands `out` to `tls` to encrypt and writes what the socket takes; whether records are left
+/// to write (wait for EPOLLOUT), or why writing failed.
+fn write_tls(tls: &mut ClientConnection, stream: &TcpStream, out: &mut Vec<u8>) -> Result<bool, String> {
+    if !out.is_empty() {
+        // The session takes less than all when its send buffer is at its limit.
+        let n = tls.writer().write(out).map_err(|e| format!("tls error: {e}"))?;
+        out.drain(..n);
+    }
+    let mut sock = stream;
+    while tls.wants_write() {
+        match tls.write_tls(&mut sock) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("error: {}", e.kind())),
+        }
+    }
+    Ok(tls.wants_write() || !out.is_empty())
 }
 
 #[cfg(test)]
@@ -851,6 +1017,105 @@ mod tests {
         (s, c)
     }
 
+    /// A self-signed P-256 certificate for localhost and 127.0.0.1 (valid until 2126), test only.
+    const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBrjCCAVSgAwIBAgIUdM3dIRp/fZ3m+Eqv+ugNliVEZpcwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwMzEyMDcxM1oYDzIxMjYxMTA5
+MTIwNzEzWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAARElFYPTbbkhr0JplJbCFkI9ZHMiMCMLfBoeaU0V3zVKZjKBisA7ZO2
+BZeRqPf6SryxkhVJNmJ6IyWPdaoQoc16o4GBMH8wHQYDVR0OBBYEFDBqPjhKJlFe
+QaowQBK07OhhzE/qMB8GA1UdIwQYMBaAFDBqPjhKJlFeQaowQBK07OhhzE/qMBoG
+A1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM
+MAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0gAMEUCIQDPL/JeIdUFFGnoJHQbr8KI
+CwH/s5VvXawQDNfma16wRwIgTFc6vPUJDgiAvTZEsLWn+l4tji/nq3Nj6Mk5c4tk
+8Ig=
+-----END CERTIFICATE-----
+";
+    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgblJA7EHI84B6IaS5
+AvcRfPOv9SOnUU98T5Ckm1gENquhRANCAARElFYPTbbkhr0JplJbCFkI9ZHMiMCM
+LfBoeaU0V3zVKZjKBisA7ZO2BZeRqPf6SryxkhVJNmJ6IyWPdaoQoc16
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_receiver_thread_decrypts_and_answers_over_tls() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        crate::sys::start_clock();
+        let dir = std::env::temp_dir().join(format!("sockudo-bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, TEST_CERT).expect("write");
+        let client = crate::tls::TlsTarget::new(Some(&ca), "127.0.0.1").expect("client config");
+        let _ = std::fs::remove_dir_all(&dir);
+        let chain = vec![CertificateDer::from_pem_slice(TEST_CERT.as_bytes()).expect("cert")];
+        let key = PrivateKeyDer::from_pem_slice(TEST_KEY.as_bytes()).expect("key");
+        let server_config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server config");
+
+        let (server_sock, mut client_sock) = pair();
+        client_sock.set_nonblocking(false).expect("blocking");
+        let server = std::thread::spawn(move || {
+            let conn = rustls::ServerConnection::new(Arc::new(server_config)).expect("server conn");
+            let mut s = rustls::StreamOwned::new(conn, server_sock);
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock).expect("server handshake");
+            }
+            s
+        });
+        let mut conn = ClientConnection::new(client.config.clone(), client.name.clone()).expect("client conn");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut client_sock).expect("client handshake");
+        }
+        let mut server = server.join().expect("server thread");
+        client_sock.set_nonblocking(true).expect("nonblocking");
+
+        let mut rx = Receivers::start(1, 1, true).expect("threads");
+        assert!(rx.add(NewSub {
+            stream: client_sock,
+            leftover: Vec::new(),
+            reader: Reader::default(),
+            channel_index: 0,
+            channel: Arc::from("c"),
+            tls: Some(Box::new(conn)),
+        }));
+        // A delivery larger than one TLS record (16 KiB) and a pusher:ping.
+        let sent = now_nanos();
+        let pad = "x".repeat(40_000);
+        let mut bytes = server_frame(
+            true,
+            wire::OP_TEXT,
+            format!(r#"{{"event":"bench","channel":"c","data":"1:0:{sent}:{pad}"}}"#).as_bytes(),
+        );
+        bytes.extend(server_frame(true, wire::OP_TEXT, br#"{"event":"pusher:ping","data":{}}"#));
+        server.write_all(&bytes).expect("write");
+        server.flush().expect("flush");
+
+        // The reply, decrypted: a masked pusher:pong.
+        server.sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.len() < 2 + 4 + crate::pusher::PONG.len() {
+            let n = server.read(&mut buf).expect("reply");
+            assert!(n > 0, "receiver closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let mut pos = 0;
+        assert_eq!(Reader::default().next(&mut got, &mut pos), Ok(Some(Event::Text(crate::pusher::PONG.as_bytes()))));
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let reports = rt.block_on(rx.report(1, Arc::new(vec![vec![true]])));
+        assert_eq!((reports[0].received, reports[0].missing, reports[0].duplicates), (1, 0, 0));
+        rt.block_on(rx.close());
+    }
+
     #[test]
     fn a_receiver_thread_reads_answers_and_accounts() {
         crate::sys::start_clock();
@@ -870,6 +1135,7 @@ mod tests {
             reader: Reader::default(),
             channel_index: 0,
             channel: Arc::from("c"),
+            tls: None,
         }));
         server.write_all(tail).expect("write");
         // A fragmented delivery with a WebSocket ping in between, then a pusher:ping.
