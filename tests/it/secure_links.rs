@@ -171,3 +171,126 @@ async fn redis_wrong_password_untrusted_ca_or_unreadable_ca_exit_64_naming_the_k
         assert!(!err.contains("hunter2") && !err.contains(ACL_PASSWORD), "{case}: password leaked: {err}");
     }
 }
+
+/// A TLS-only `nats-server` with `authorization` (a config block); returns its port.
+async fn nats_tls(servers: &mut Servers, ca: &TestCa, authorization: &str) -> u16 {
+    let cert = ca.issue("nats");
+    let port = free_port();
+    let conf = format!(
+        "listen: \"127.0.0.1:{port}\"\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         authorization {{\n{authorization}\n}}\n",
+        cert.cert.display(),
+        cert.key.display(),
+    );
+    let conf = servers.write("nats.conf", &conf);
+    servers.spawn(port, "nats-server", &["-c", conf.to_str().unwrap()]).await;
+    port
+}
+
+fn nats_config(port: u16, ca: &TestCa) -> NatsConfig {
+    NatsConfig {
+        servers: vec![format!("tls://127.0.0.1:{port}")],
+        ca_path: ca.ca_path().display().to_string(),
+        ..NatsConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn nats_tls_with_a_password() {
+    let ca = TestCa::new("nats-pw");
+    let mut servers = Servers::new("nats-pw");
+    let port = nats_tls(&mut servers, &ca, "  user: sockudo\n  password: \"s3cret-nats\"").await;
+    let config = NatsConfig { username: "sockudo".into(), password: "s3cret-nats".into(), ..nats_config(port, &ca) };
+    scenarios(Broker::NatsWith(Box::new(config))).await;
+}
+
+#[tokio::test]
+async fn nats_tls_with_a_token() {
+    let ca = TestCa::new("nats-token");
+    let mut servers = Servers::new("nats-token");
+    let port = nats_tls(&mut servers, &ca, "  token: \"t0ken-nats\"").await;
+    let config = NatsConfig { token: "t0ken-nats".into(), ..nats_config(port, &ca) };
+    broadcast_reaches_every_node_and_excludes_the_socket(Broker::NatsWith(Box::new(config))).await;
+}
+
+/// An nkey user (the server knows only the public key; the node signs the server's nonce with
+/// the seed file). A `.creds` file needs an operator, account and user JWT signed by them,
+/// which this test cannot issue without `nsc`; `credentials_path` is checked for readability.
+#[tokio::test]
+async fn nats_tls_with_an_nkey() {
+    let ca = TestCa::new("nats-nkey");
+    let mut servers = Servers::new("nats-nkey");
+    let user = nkeys::KeyPair::new_user();
+    let port = nats_tls(&mut servers, &ca, &format!("  users: [ {{ nkey: \"{}\" }} ]", user.public_key())).await;
+    let seed = servers.write("user.nk", &user.seed().unwrap());
+    let config = NatsConfig { nkey_path: seed.display().to_string(), ..nats_config(port, &ca) };
+    broadcast_reaches_every_node_and_excludes_the_socket(Broker::NatsWith(Box::new(config))).await;
+}
+
+#[tokio::test]
+async fn nats_wrong_password_untrusted_ca_or_unreadable_files_exit_64_naming_the_key() {
+    let ca = TestCa::new("nats-bad");
+    let other = TestCa::new("nats-other");
+    let mut servers = Servers::new("nats-bad");
+    let port = nats_tls(&mut servers, &ca, "  user: sockudo\n  password: \"s3cret-nats\"").await;
+    let url = format!("tls://127.0.0.1:{port}");
+    let (good_ca, bad_ca) = (ca.ca_path().display().to_string(), other.ca_path().display().to_string());
+    let cases: [(&str, Vec<(&str, String)>, &str); 5] = [
+        (
+            "wrong password",
+            vec![("NATS_PASSWORD", "hunter2".into()), ("NATS_CA_PATH", good_ca.clone())],
+            "adapter.nats.servers",
+        ),
+        (
+            "untrusted CA",
+            vec![("NATS_PASSWORD", "s3cret-nats".into()), ("NATS_CA_PATH", bad_ca)],
+            "adapter.nats.servers",
+        ),
+        (
+            "unreadable CA",
+            vec![("NATS_PASSWORD", "hunter2".into()), ("NATS_CA_PATH", "/nonexistent/ca.pem".into())],
+            "adapter.nats.ca_path",
+        ),
+        (
+            "unreadable creds",
+            vec![
+                ("NATS_USERNAME", String::new()),
+                ("NATS_CREDENTIALS_PATH", "/nonexistent/u.creds".into()),
+                ("NATS_CA_PATH", good_ca.clone()),
+            ],
+            "adapter.nats.credentials_path",
+        ),
+        (
+            "not an nkey seed",
+            vec![
+                ("NATS_USERNAME", String::new()),
+                ("NATS_NKEY_PATH", ca.ca_path().display().to_string()),
+                ("NATS_CA_PATH", good_ca),
+            ],
+            "adapter.nats.nkey_path",
+        ),
+    ];
+    for (case, extra, key) in cases {
+        let mut env = vec![
+            ("ADAPTER_DRIVER", "nats".to_owned()),
+            ("NATS_SERVERS", url.clone()),
+            ("NATS_USERNAME", "sockudo".into()),
+        ];
+        // A later entry for the same variable wins (Command::env replaces).
+        env.extend(extra);
+        let (code, err) = run_binary(&env).await;
+        assert_eq!(code, Some(64), "{case}: {err}");
+        assert!(err.contains(key), "{case}: {err}");
+        assert!(!err.contains("hunter2") && !err.contains("s3cret-nats"), "{case}: password leaked: {err}");
+    }
+    // Two ways to sign in at once is ambiguous: refused before connecting.
+    let (code, err) = run_binary(&[
+        ("ADAPTER_DRIVER", "nats".into()),
+        ("NATS_SERVERS", url.clone()),
+        ("NATS_TOKEN", "t".into()),
+        ("NATS_NKEY_PATH", "/x".into()),
+    ])
+    .await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("adapter.nats.nkey_path"), "{err}");
+}
