@@ -57,7 +57,7 @@ const MAX_KEYS: usize = 100_000;
 
 enum Backend {
     Memory(Mutex<HashMap<String, (u64, u32)>>),
-    Redis { conn: crate::redis_client::Commands, prefix: String, failures: AtomicU64 },
+    Redis { conn: std::sync::Arc<crate::redis_client::Commands>, prefix: String, failures: AtomicU64 },
 }
 
 /// Fixed one-second windows per key.
@@ -78,7 +78,9 @@ impl RateLimiter {
     /// passwords masked, when Redis is unreachable).
     pub async fn redis(config: &crate::config::RedisConfig) -> Result<Self, crate::redis_client::SetupError> {
         let target = crate::redis_client::Redis::from_config(config)?;
-        let conn = crate::redis_client::Commands::connect(target).await?;
+        let conn = std::sync::Arc::new(crate::redis_client::Commands::connect(target).await?);
+        // With Sentinel, counting moves to a new master as soon as the sentinels name it.
+        let _ = crate::redis_client::follow_master(&conn);
         Ok(Self { backend: Backend::Redis { conn, prefix: config.prefix.clone(), failures: AtomicU64::new(0) } })
     }
 

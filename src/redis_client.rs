@@ -193,6 +193,8 @@ enum Conn {
 
 struct State {
     conn: Option<Conn>,
+    /// The plain connection's server (`host:port`), to notice that the master moved.
+    addr: Option<String>,
     next_attempt: Instant,
     backoff: Duration,
 }
@@ -206,14 +208,18 @@ pub struct Commands {
     state: Mutex<State>,
 }
 
-async fn open(redis: &Redis) -> RedisResult<Conn> {
+async fn open(redis: &Redis) -> RedisResult<(Conn, Option<String>)> {
     let open = async {
         match &redis.target {
             Target::Cluster { .. } => {
                 let client = redis.cluster_client(None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>)?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
+                Ok((Conn::Cluster(client.get_async_connection().await?), None))
             }
-            _ => Ok(Conn::Plain(redis.master().await?.get_multiplexed_async_connection().await?)),
+            _ => {
+                let client = redis.master().await?;
+                let addr = client.get_connection_info().addr().to_string();
+                Ok((Conn::Plain(client.get_multiplexed_async_connection().await?), Some(addr)))
+            }
         }
     };
     tokio::time::timeout(CONNECT_TIMEOUT, open)
@@ -224,8 +230,8 @@ async fn open(redis: &Redis) -> RedisResult<Conn> {
 impl Commands {
     /// Connects now: an unreachable Redis at startup is an error naming the key.
     pub async fn connect(redis: Redis) -> Result<Self, SetupError> {
-        let conn = open(&redis).await.map_err(|e| redis.fail(&e))?;
-        let state = State { conn: Some(conn), next_attempt: Instant::now(), backoff: Duration::from_millis(100) };
+        let (conn, addr) = open(&redis).await.map_err(|e| redis.fail(&e))?;
+        let state = State { conn: Some(conn), addr, next_attempt: Instant::now(), backoff: Duration::from_millis(100) };
         Ok(Self { redis, state: Mutex::new(state) })
     }
 
@@ -252,9 +258,10 @@ impl Commands {
             s.next_attempt = now + s.backoff;
             s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
         }
-        let conn = open(&self.redis).await?;
+        let (conn, addr) = open(&self.redis).await?;
         let mut s = self.lock();
         s.conn = Some(conn.clone());
+        s.addr = addr;
         s.backoff = Duration::from_millis(100);
         Ok(conn)
     }
@@ -278,4 +285,43 @@ impl Commands {
         }
         result
     }
+}
+
+/// Sentinel only: asks the sentinels for the master each second and, when it moved, drops the
+/// command connection of `commands` (its next call opens one to the new master) and announces
+/// the new address on the returned channel (the subscriber resubscribes there).
+///
+/// Needed because a forced failover (`SENTINEL FAILOVER`) leaves the old master a master, and
+/// our connections to it alive, until the sentinel gets round to demoting it: meanwhile nodes
+/// that reconnected elsewhere would not hear the ones still on it. The task ends with
+/// `commands`.
+pub fn follow_master(commands: &std::sync::Arc<Commands>) -> Option<tokio::sync::watch::Receiver<String>> {
+    if !matches!(commands.redis.target, Target::Sentinel { .. }) {
+        return None;
+    }
+    let first = commands.lock().addr.clone().unwrap_or_default();
+    let (moved_tx, moved_rx) = tokio::sync::watch::channel(first);
+    let weak = std::sync::Arc::downgrade(commands);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(commands) = weak.upgrade() else { return };
+            let lookup = tokio::time::timeout(CONNECT_TIMEOUT, commands.redis.master()).await;
+            let Ok(Ok(client)) = lookup else { continue };
+            let addr = client.get_connection_info().addr().to_string();
+            if *moved_tx.borrow() != addr {
+                tracing::info!(master = %addr, "the sentinels name a new Redis master; moving to it");
+                {
+                    let mut s = commands.lock();
+                    if s.addr.as_deref() != Some(addr.as_str()) {
+                        s.conn = None;
+                        s.next_attempt = Instant::now();
+                    }
+                }
+                moved_tx.send_replace(addr);
+            }
+        }
+    });
+    Some(moved_rx)
 }

@@ -64,7 +64,7 @@ fn forward(tx: &mpsc::Sender<Bytes>, drops: &Drops, payload: Bytes) {
 /// broker is down they fail and are dropped (counted); `Commands` reconnects (through the
 /// sentinels, so a failover is followed) and a cluster connection follows `MOVED` itself.
 fn spawn_publisher(
-    commands: Commands,
+    commands: Arc<Commands>,
     command: &'static str,
     topic: String,
     mut out_rx: mpsc::Receiver<Bytes>,
@@ -98,7 +98,9 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
         return redis_cluster(target, &config.prefix).await;
     }
     let topic = format!("{}#cluster", config.prefix);
-    let commands = Commands::connect(target.clone()).await?;
+    let commands = Arc::new(Commands::connect(target.clone()).await?);
+    // With Sentinel, a moved master is noticed even while the old one still answers.
+    let mut moved = crate::redis_client::follow_master(&commands);
     // The subscription gets its master afresh on every attempt: after a Sentinel failover the
     // old master (now a replica) closes our connections, and the new one is asked for.
     let subscribe = |target: Redis, topic: String| async move {
@@ -120,8 +122,31 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
     let subscriber_task = tokio::spawn(async move {
         let shown = target.shown.clone();
         loop {
-            while let Some(msg) = stream.next().await {
-                forward(&in_tx, &sub_drops, Bytes::copy_from_slice(msg.get_payload_bytes()));
+            let moved_to = loop {
+                let master_moved = async {
+                    let Some(rx) = moved.as_mut() else { return std::future::pending().await };
+                    match rx.changed().await {
+                        Ok(()) => rx.borrow_and_update().clone(),
+                        // The watcher ended (the link is going away): no more moves.
+                        Err(_) => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => forward(&in_tx, &sub_drops, Bytes::copy_from_slice(msg.get_payload_bytes())),
+                        None => break None,
+                    },
+                    addr = master_moved => break Some(addr),
+                }
+            };
+            if let Some(addr) = moved_to {
+                // Resubscribe at once on the new master; the link stays up meanwhile.
+                if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(target.clone(), topic.clone())).await
+                {
+                    stream = s;
+                    tracing::info!(master = %addr, "Redis subscription moved to the new master");
+                    continue;
+                }
             }
             up_tx.send_replace(false);
             tracing::warn!(url = %shown, "Redis subscription lost; serving local sockets only while reconnecting");
@@ -187,7 +212,7 @@ async fn redis_cluster(target: Redis, prefix: &str) -> Result<Link, SetupError> 
         .await
         .map_err(|_| target.fail(&"timed out"))?
         .map_err(|e| target.fail(&e))?;
-    let commands = Commands::connect(target.clone()).await?;
+    let commands = Arc::new(Commands::connect(target.clone()).await?);
     let publisher_task = spawn_publisher(commands, "SPUBLISH", topic.clone(), out_rx, drops.clone());
     // The connection reports a lost node as a push, but not its return: a keyed probe (routed to
     // the topic's master, like the subscription) each second says when the link is whole again.

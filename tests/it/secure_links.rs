@@ -294,3 +294,94 @@ async fn nats_wrong_password_untrusted_ca_or_unreadable_files_exit_64_naming_the
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("adapter.nats.nkey_path"), "{err}");
 }
+
+/// A master, one replica of it and one sentinel watching them as `mymaster`, all plain TCP;
+/// returns (master port, replica port, sentinel port) once the sentinel knows the replica.
+async fn sentinel_set(servers: &mut Servers) -> (u16, u16, u16) {
+    let (master, replica, sentinel) = (free_port(), free_port(), free_port());
+    let base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let m = master.to_string();
+    servers.spawn(master, "redis-server", &[&["--port", &m][..], &base].concat()).await;
+    let r = replica.to_string();
+    servers
+        .spawn(replica, "redis-server", &[&["--port", &r, "--replicaof", "127.0.0.1", &m][..], &base].concat())
+        .await;
+    let conf = servers.write(
+        "sentinel.conf",
+        &format!(
+            "port {sentinel}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n"
+        ),
+    );
+    servers.spawn(sentinel, "redis-server", &[conf.to_str().unwrap(), "--sentinel"]).await;
+    let ready = eventually(Duration::from_secs(20), || async {
+        redis_cli(replica, &["INFO", "replication"]).await.contains("master_link_status:up")
+            && redis_cli(sentinel, &["SENTINEL", "REPLICAS", "mymaster"]).await.contains(&r)
+    })
+    .await;
+    assert!(ready, "the replica never synced or the sentinel never saw it");
+    (master, replica, sentinel)
+}
+
+fn sentinel_broker(sentinel: u16) -> Broker {
+    Broker::RedisWith(Box::new(RedisConfig {
+        sentinels: vec![format!("redis://127.0.0.1:{sentinel}")],
+        master_name: "mymaster".into(),
+        ..RedisConfig::default()
+    }))
+}
+
+#[tokio::test]
+async fn redis_sentinel_scenarios() {
+    let mut servers = Servers::new("sentinel");
+    let (_, _, sentinel) = sentinel_set(&mut servers).await;
+    scenarios(sentinel_broker(sentinel)).await;
+}
+
+/// `SENTINEL FAILOVER` mid-test: the old master becomes a replica and drops our connections;
+/// both the publisher and the subscriber of each node ask the sentinel again and move to the
+/// new master, without a restart, and delivery across nodes resumes.
+#[tokio::test]
+async fn redis_sentinel_failover_is_followed() {
+    let mut servers = Servers::new("failover");
+    let (master, replica, sentinel) = sentinel_set(&mut servers).await;
+    let nodes = sentinel_broker(sentinel).cluster(2).await;
+    let mut a = nodes[0].client().await;
+    let mut b = nodes[1].client().await;
+    a.subscribe("live").await;
+    b.subscribe("live").await;
+    nodes[0].publish("live", "before", "1").await;
+    assert_eq!(b.expect("before").await["data"], "1");
+
+    assert_eq!(redis_cli(sentinel, &["SENTINEL", "FAILOVER", "mymaster"]).await, "OK");
+    let switched = eventually(Duration::from_secs(30), || async {
+        redis_cli(sentinel, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"]).await.contains(&replica.to_string())
+            && redis_cli(replica, &["ROLE"]).await.starts_with("master")
+    })
+    .await;
+    assert!(switched, "the sentinel never promoted the replica");
+    // Both directions, from each node: retrying, as the first envelopes may race the moves.
+    for (from, to) in [(0, 1), (1, 0)] {
+        let client = if to == 1 { &mut b } else { &mut a };
+        let mut resumed = false;
+        for i in 0..100 {
+            nodes[from].publish("live", "after", &i.to_string()).await;
+            if let Ok(f) = tokio::time::timeout(Duration::from_millis(200), client.expect("after")).await {
+                assert_eq!(f["event"], "after");
+                resumed = true;
+                break;
+            }
+        }
+        assert!(resumed, "delivery from node {from} to node {to} did not resume after the failover");
+    }
+    // The nodes now use the new master: it carries their subscriptions, the old one none.
+    let prefix_subscribers = |port: u16| async move { redis_cli(port, &["PUBSUB", "CHANNELS", "*#cluster"]).await };
+    let (new, old) = (prefix_subscribers(replica).await, prefix_subscribers(master).await);
+    eprintln!(
+        "new master: {new:?}; old master: {old:?}; clients old: {}",
+        redis_cli(master, &["CLIENT", "LIST"]).await
+    );
+    assert!(!prefix_subscribers(replica).await.is_empty(), "nobody subscribed on the new master");
+    assert!(prefix_subscribers(master).await.is_empty(), "a node stayed on the old master");
+    stop_all(nodes).await;
+}
