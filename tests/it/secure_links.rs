@@ -385,3 +385,67 @@ async fn redis_sentinel_failover_is_followed() {
     assert!(prefix_subscribers(master).await.is_empty(), "a node stayed on the old master");
     stop_all(nodes).await;
 }
+
+/// Three masters (no replicas) in a Redis Cluster, each with its own folder and bus port;
+/// returns their ports once every node reports `cluster_state:ok`.
+async fn redis_cluster(servers: &mut Servers) -> Vec<u16> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, port) in ports.iter().enumerate() {
+        let (p, bus) = (port.to_string(), free_port().to_string());
+        let conf = format!("nodes-{i}.conf");
+        let args = [
+            "--port",
+            &p,
+            "--cluster-port",
+            &bus,
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        servers.spawn(*port, "redis-server", &args).await;
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut create = tokio::process::Command::new("redis-cli");
+    create.arg("--cluster").arg("create").args(&addrs).arg("--cluster-yes").stdout(Stdio::null());
+    let status = tokio::time::timeout(Duration::from_secs(30), create.status()).await.unwrap().unwrap();
+    assert!(status.success(), "redis-cli --cluster create failed");
+    for port in &ports {
+        let ok = eventually(Duration::from_secs(20), || async {
+            redis_cli(*port, &["CLUSTER", "INFO"]).await.contains("cluster_state:ok")
+        })
+        .await;
+        assert!(ok, "node {port} never reached cluster_state:ok");
+    }
+    ports
+}
+
+#[tokio::test]
+async fn redis_cluster_scenarios_on_sharded_pubsub() {
+    let mut servers = Servers::new("cluster");
+    let ports = redis_cluster(&mut servers).await;
+    let broker = Broker::RedisWith(Box::new(RedisConfig {
+        cluster_nodes: ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect(),
+        ..RedisConfig::default()
+    }));
+    scenarios(broker.clone()).await;
+    // Sharded: each node's topic is a shard channel on the one master owning its slot, and no
+    // plain channel exists anywhere (plain PUBLISH would be copied to every node).
+    let nodes = broker.cluster_with(2, |c| c.rate_limits.driver = "redis".into()).await;
+    assert_eq!(nodes[0].publish("limited", "e", "1").await.0, 200);
+    let mut owners = 0;
+    for port in &ports {
+        assert_eq!(redis_cli(*port, &["PUBSUB", "CHANNELS", "*"]).await, "", "a plain channel on {port}");
+        if !redis_cli(*port, &["PUBSUB", "SHARDCHANNELS", "*#cluster"]).await.is_empty() {
+            owners += 1;
+        }
+    }
+    assert_eq!(owners, 1, "the topic's shard channel lives on exactly one master");
+    stop_all(nodes).await;
+}
