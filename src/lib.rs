@@ -15,6 +15,7 @@ pub mod fuzz_targets;
 pub mod outbox;
 pub mod protocol;
 pub mod rate_limit;
+pub mod redis_client;
 pub mod server;
 pub mod shutdown;
 pub mod state;

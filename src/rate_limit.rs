@@ -57,7 +57,7 @@ const MAX_KEYS: usize = 100_000;
 
 enum Backend {
     Memory(Mutex<HashMap<String, (u64, u32)>>),
-    Redis { conn: redis::aio::ConnectionManager, prefix: String, failures: AtomicU64 },
+    Redis { conn: std::sync::Arc<crate::redis_client::Commands>, prefix: String, failures: AtomicU64 },
 }
 
 /// Fixed one-second windows per key.
@@ -74,15 +74,14 @@ impl RateLimiter {
         Self { backend: Backend::Memory(Mutex::default()) }
     }
 
-    /// A limiter shared through Redis (fails with the URL, password masked, when unreachable).
-    pub async fn redis(url: &str, prefix: &str) -> Result<Self, String> {
-        let shown = crate::config::mask_url_password(url);
-        let client = redis::Client::open(url).map_err(|e| format!("cannot use Redis at {shown}: {e}"))?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), redis::aio::ConnectionManager::new(client))
-            .await
-            .map_err(|_| format!("cannot connect to Redis at {shown}: timed out"))?
-            .map_err(|e| format!("cannot connect to Redis at {shown}: {e}"))?;
-        Ok(Self { backend: Backend::Redis { conn, prefix: prefix.to_owned(), failures: AtomicU64::new(0) } })
+    /// A limiter shared through Redis (any mode of `adapter.redis`; fails naming the key, with
+    /// passwords masked, when Redis is unreachable).
+    pub async fn redis(config: &crate::config::RedisConfig) -> Result<Self, crate::redis_client::SetupError> {
+        let target = crate::redis_client::Redis::from_config(config)?;
+        let conn = std::sync::Arc::new(crate::redis_client::Commands::connect(target).await?);
+        // With Sentinel, counting moves to a new master as soon as the sentinels name it.
+        let _ = crate::redis_client::follow_master(&conn);
+        Ok(Self { backend: Backend::Redis { conn, prefix: config.prefix.clone(), failures: AtomicU64::new(0) } })
     }
 
     /// Counts `cost` against `key`'s window of `limit` per second.
@@ -107,23 +106,17 @@ impl RateLimiter {
                 }
             }
             Backend::Redis { conn, prefix, failures } => {
+                // One key per pipeline, so on a Redis Cluster it goes to one slot's master.
                 let redis_key = format!("{prefix}:ratelimit:{key}:{now}");
-                let mut conn = conn.clone();
-                let result: redis::RedisResult<(u32,)> = redis::pipe()
-                    .cmd("INCRBY")
-                    .arg(&redis_key)
-                    .arg(cost)
-                    .cmd("EXPIRE")
-                    .arg(&redis_key)
-                    .arg(2)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await;
+                let mut incr = redis::pipe();
+                incr.cmd("INCRBY").arg(&redis_key).arg(cost).cmd("EXPIRE").arg(&redis_key).arg(2).ignore();
+                let result: redis::RedisResult<(u32,)> = conn.query(&incr).await;
                 match result {
                     Ok((n,)) if n > limit => {
                         // Refused requests give their cost back, as in memory.
-                        let _: redis::RedisResult<()> =
-                            redis::cmd("DECRBY").arg(&redis_key).arg(cost).query_async(&mut conn).await;
+                        let mut decr = redis::pipe();
+                        decr.cmd("DECRBY").arg(&redis_key).arg(cost).ignore();
+                        let _: redis::RedisResult<()> = conn.query(&decr).await;
                         n
                     }
                     Ok((n,)) => n,

@@ -201,9 +201,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
     let adapter = Arc::new(adapter.with_webhooks(Some(webhooks.clone())));
     let cluster = inbox.map(|inbox| tokio::spawn(adapter.clone().run(inbox, shutdown.clone())));
     let limiter = match config.rate_limits.driver.as_str() {
-        "redis" => crate::rate_limit::RateLimiter::redis(&config.adapter.redis.url, &config.adapter.redis.prefix)
+        "redis" => crate::rate_limit::RateLimiter::redis(&config.adapter.redis)
             .await
-            .map_err(|e| crate::config::ConfigError::new("rate_limits.driver", e))?,
+            .map_err(|e| crate::config::ConfigError::new(e.key, format!("rate_limits.driver redis: {e}")))?,
         _ => crate::rate_limit::RateLimiter::memory(),
     };
     let state = Arc::new(State::new(config.clone(), apps, adapter.clone(), metrics, limiter, shutdown.clone()));

@@ -85,16 +85,12 @@ impl Adapter {
         let c = &config.adapter;
         let link = match c.driver {
             AdapterDriver::Local => None,
-            AdapterDriver::Redis => Some(
-                transport::redis(&c.redis.url, &c.redis.prefix)
-                    .await
-                    .map_err(|e| ConfigError::new("adapter.redis.url", e))?,
-            ),
-            AdapterDriver::Nats => Some(
-                transport::nats(&c.nats.servers, &c.nats.prefix)
-                    .await
-                    .map_err(|e| ConfigError::new("adapter.nats.servers", e))?,
-            ),
+            AdapterDriver::Redis => {
+                Some(transport::redis(&c.redis).await.map_err(|e| ConfigError::new(e.key, e.message))?)
+            }
+            AdapterDriver::Nats => {
+                Some(transport::nats(&c.nats).await.map_err(|e| ConfigError::new(e.key, e.message))?)
+            }
         };
         let (cluster, connected, inbox) = match link {
             Some(mut link) => {

@@ -1,5 +1,7 @@
-//! The broker links: Redis pub/sub and NATS core, each only moving opaque envelopes on one
-//! topic (`{prefix}#cluster` / `{prefix}.cluster`). Cluster semantics live in `cluster.rs`.
+//! The broker links: Redis pub/sub (one server, a Sentinel-managed master, or sharded pub/sub
+//! on a Redis Cluster) and NATS core, each only moving opaque envelopes on one topic
+//! (`{prefix}#cluster` / `{prefix}.cluster`), over TLS and with credentials when configured.
+//! Cluster semantics live in `cluster.rs`.
 //!
 //! Both queues are bounded: when the broker is down or slow, outgoing envelopes beyond
 //! [`QUEUE`] are dropped (counted and logged), never buffered without bound. A broker lost
@@ -15,11 +17,11 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::mask_url_password;
+use crate::config::{mask_url_password, NatsConfig, RedisConfig};
+use crate::redis_client::{Commands, Redis, SetupError, Target, CONNECT_TIMEOUT};
 
 /// Envelopes queued in each direction at most.
 pub const QUEUE: usize = 65_536;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A connected broker: send envelopes, receive everyone's (including, on Redis, our own).
@@ -58,58 +60,93 @@ fn forward(tx: &mpsc::Sender<Bytes>, drops: &Drops, payload: Bytes) {
     }
 }
 
-/// Connects to Redis at `url` (fails if it cannot within 5 s).
-pub async fn redis(url: &str, prefix: &str) -> Result<Link, String> {
-    let shown = mask_url_password(url);
-    let fail = |e: &dyn std::fmt::Display| format!("cannot connect to Redis at {shown}: {e}");
-    let client = redis::Client::open(url).map_err(|e| fail(&e))?;
-    let topic = format!("{prefix}#cluster");
-    let mut publisher = tokio::time::timeout(CONNECT_TIMEOUT, redis::aio::ConnectionManager::new(client.clone()))
-        .await
-        .map_err(|_| fail(&"timed out"))?
-        .map_err(|e| fail(&e))?;
-    let subscribe = |client: redis::Client, topic: String| async move {
-        let mut ps = client.get_async_pubsub().await?;
-        ps.subscribe(&topic).await?;
-        Ok::<_, redis::RedisError>(ps.into_on_message())
-    };
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client.clone(), topic.clone()))
-        .await
-        .map_err(|_| fail(&"timed out"))?
-        .map_err(|e| fail(&e))?;
-    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let (up_tx, up_rx) = watch::channel(true);
-    let drops = Arc::new(Drops::default());
-
-    let pub_topic = topic.clone();
-    let pub_drops = drops.clone();
-    let publisher_task = tokio::spawn(async move {
+/// Publishes batches of up to 256 envelopes, each batch one pipelined round trip. While the
+/// broker is down they fail and are dropped (counted); `Commands` reconnects (through the
+/// sentinels, so a failover is followed) and a cluster connection follows `MOVED` itself.
+fn spawn_publisher(
+    commands: Arc<Commands>,
+    command: &'static str,
+    topic: String,
+    mut out_rx: mpsc::Receiver<Bytes>,
+    drops: Arc<Drops>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
         let mut failed_batches = 0u64;
         while out_rx.recv_many(&mut batch, 256).await > 0 {
             let mut pipe = redis::pipe();
             let count = batch.len() as u64;
             for payload in batch.drain(..) {
-                pipe.cmd("PUBLISH").arg(&pub_topic).arg(&payload[..]).ignore();
+                pipe.cmd(command).arg(&topic).arg(&payload[..]).ignore();
             }
-            // Pipelined: one round trip per batch. While the broker is down these fail and
-            // are dropped; the connection manager reconnects on its own.
-            if let Err(err) = pipe.query_async::<()>(&mut publisher).await {
-                pub_drops.outgoing.fetch_add(count, Ordering::Relaxed);
+            if let Err(err) = commands.query::<()>(&pipe).await {
+                drops.outgoing.fetch_add(count, Ordering::Relaxed);
                 failed_batches += 1;
                 if failed_batches.is_power_of_two() {
                     tracing::warn!(error = %err, failed_batches, "publishing to Redis failed");
                 }
             }
         }
-    });
+    })
+}
+
+/// Connects to Redis in the mode `config` names (one server, Sentinel, or Cluster; see
+/// `redis_client`), failing within 5 s with the mode's key when it cannot.
+pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
+    let target = Redis::from_config(config)?;
+    if matches!(target.target, Target::Cluster { .. }) {
+        return redis_cluster(target, &config.prefix).await;
+    }
+    let topic = format!("{}#cluster", config.prefix);
+    let commands = Arc::new(Commands::connect(target.clone()).await?);
+    // With Sentinel, a moved master is noticed even while the old one still answers.
+    let mut moved = crate::redis_client::follow_master(&commands);
+    // The subscription gets its master afresh on every attempt: after a Sentinel failover the
+    // old master (now a replica) closes our connections, and the new one is asked for.
+    let subscribe = |target: Redis, topic: String| async move {
+        let mut ps = target.master().await?.get_async_pubsub().await?;
+        ps.subscribe(&topic).await?;
+        Ok::<_, redis::RedisError>(ps.into_on_message())
+    };
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(target.clone(), topic.clone()))
+        .await
+        .map_err(|_| target.fail(&"timed out"))?
+        .map_err(|e| target.fail(&e))?;
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (up_tx, up_rx) = watch::channel(true);
+    let drops = Arc::new(Drops::default());
+    let publisher_task = spawn_publisher(commands, "PUBLISH", topic.clone(), out_rx, drops.clone());
 
     let sub_drops = drops.clone();
     let subscriber_task = tokio::spawn(async move {
+        let shown = target.shown.clone();
         loop {
-            while let Some(msg) = stream.next().await {
-                forward(&in_tx, &sub_drops, Bytes::copy_from_slice(msg.get_payload_bytes()));
+            let moved_to = loop {
+                let master_moved = async {
+                    let Some(rx) = moved.as_mut() else { return std::future::pending().await };
+                    match rx.changed().await {
+                        Ok(()) => rx.borrow_and_update().clone(),
+                        // The watcher ended (the link is going away): no more moves.
+                        Err(_) => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => forward(&in_tx, &sub_drops, Bytes::copy_from_slice(msg.get_payload_bytes())),
+                        None => break None,
+                    },
+                    addr = master_moved => break Some(addr),
+                }
+            };
+            if let Some(addr) = moved_to {
+                // Resubscribe at once on the new master; the link stays up meanwhile.
+                if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(target.clone(), topic.clone())).await
+                {
+                    stream = s;
+                    tracing::info!(master = %addr, "Redis subscription moved to the new master");
+                    continue;
+                }
             }
             up_tx.send_replace(false);
             tracing::warn!(url = %shown, "Redis subscription lost; serving local sockets only while reconnecting");
@@ -117,7 +154,7 @@ pub async fn redis(url: &str, prefix: &str) -> Result<Link, String> {
             loop {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
-                if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client.clone(), topic.clone())).await
+                if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(target.clone(), topic.clone())).await
                 {
                     stream = s;
                     break;
@@ -136,11 +173,116 @@ pub async fn redis(url: &str, prefix: &str) -> Result<Link, String> {
     })
 }
 
+/// Redis Cluster: sharded pub/sub (`SPUBLISH` / `SSUBSCRIBE`, Redis 7), so an envelope goes only
+/// to the shard owning the topic's slot (and its replicas) instead of being copied over the
+/// cluster bus to every node, as plain `PUBLISH` is. The redis crate's cluster connection does
+/// it natively: subscriptions are RESP3 pushes to a sender we give it, it routes both commands
+/// by the channel's slot, follows `MOVED`, and resubscribes after a reconnect or a slot change.
+async fn redis_cluster(target: Redis, prefix: &str) -> Result<Link, SetupError> {
+    // A hash tag would not change anything (one topic is one slot); the name stays as on Redis.
+    let topic = format!("{prefix}#cluster");
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (up_tx, up_rx) = watch::channel(true);
+    let drops = Arc::new(Drops::default());
+    let (push_drops, push_up) = (drops.clone(), up_tx.clone());
+    // Called on the connection's task for each push: must not block, so the bounded inbox is
+    // offered the envelope and a full one drops it (counted), as on the other links.
+    let push = move |info: redis::PushInfo| {
+        match info.kind {
+            redis::PushKind::SMessage => {
+                if let Some(redis::Value::BulkString(payload)) = info.data.into_iter().nth(1) {
+                    forward(&in_tx, &push_drops, Bytes::from(payload));
+                }
+            }
+            redis::PushKind::Disconnection => {
+                push_up.send_replace(false);
+            }
+            _ => {}
+        }
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let client = target.cluster_client(Some(push)).map_err(|e| target.fail(&e))?;
+    let connect = async {
+        let mut conn = client.get_async_connection().await?;
+        conn.ssubscribe(&topic).await?;
+        Ok::<_, redis::RedisError>(conn)
+    };
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| target.fail(&"timed out"))?
+        .map_err(|e| target.fail(&e))?;
+    let commands = Arc::new(Commands::connect(target.clone()).await?);
+    let publisher_task = spawn_publisher(commands, "SPUBLISH", topic.clone(), out_rx, drops.clone());
+    // The connection reports a lost node as a push, but not its return: a keyed probe (routed to
+    // the topic's master, like the subscription) each second says when the link is whole again.
+    let shown = target.shown.clone();
+    let health_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let mut exists = redis::cmd("EXISTS");
+            let probe = exists.arg(&topic).query_async::<i64>(&mut conn);
+            let ok = matches!(tokio::time::timeout(CONNECT_TIMEOUT, probe).await, Ok(Ok(_)));
+            let was = up_tx.send_replace(ok);
+            if was && !ok {
+                tracing::warn!(url = %shown, "Redis Cluster link lost; serving local sockets only while reconnecting");
+            } else if !was && ok {
+                tracing::info!(url = %shown, "Redis Cluster link restored");
+            }
+        }
+    });
+    Ok(Link { outgoing: out_tx, incoming: in_rx, connected: up_rx, drops, tasks: vec![publisher_task, health_task] })
+}
+
+/// How a NATS connection signs in and whom it trusts, from `config` (files read here: an
+/// unreadable one is an error naming its key). Secrets never reach a log line.
+async fn nats_options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, SetupError> {
+    let unreadable = |key: &'static str, path: &str, e: &dyn std::fmt::Display| SetupError {
+        key,
+        message: format!("cannot read {path}: {e}"),
+    };
+    let mut options = if !config.credentials_path.is_empty() {
+        let path = &config.credentials_path;
+        async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| unreadable("adapter.nats.credentials_path", path, &e))?
+    } else if !config.nkey_path.is_empty() {
+        let path = &config.nkey_path;
+        let seed = std::fs::read_to_string(path).map_err(|e| unreadable("adapter.nats.nkey_path", path, &e))?;
+        // async-nats panics on a bad seed only when signing; check it now, so a wrong file is
+        // a config error at startup.
+        let seed = seed.trim().to_owned();
+        if nkeys::KeyPair::from_seed(&seed).is_err() {
+            return Err(SetupError { key: "adapter.nats.nkey_path", message: format!("{path} holds no nkey seed") });
+        }
+        async_nats::ConnectOptions::with_nkey(seed)
+    } else if !config.token.is_empty() {
+        async_nats::ConnectOptions::with_token(config.token.clone())
+    } else if !config.username.is_empty() {
+        async_nats::ConnectOptions::with_user_and_password(config.username.clone(), config.password.clone())
+    } else {
+        async_nats::ConnectOptions::new()
+    };
+    if !config.ca_path.is_empty() {
+        let path = &config.ca_path;
+        // async-nats reads the file only when connecting and reports a vague TLS error; a
+        // missing file is named here.
+        std::fs::metadata(path).map_err(|e| unreadable("adapter.nats.ca_path", path, &e))?;
+        options = options.add_root_certificates(path.into()).require_tls(true);
+    }
+    Ok(options)
+}
+
 /// Connects to NATS (fails if no server answers within 5 s); async-nats reconnects and
 /// resubscribes on its own afterwards.
-pub async fn nats(servers: &[String], prefix: &str) -> Result<Link, String> {
+pub async fn nats(config: &NatsConfig) -> Result<Link, SetupError> {
+    let (servers, prefix) = (&config.servers, &config.prefix);
     let shown: Vec<String> = servers.iter().map(|s| mask_url_password(s)).collect();
-    let fail = |e: &dyn std::fmt::Display| format!("cannot connect to NATS at {}: {e}", shown.join(","));
+    let fail = |e: &dyn std::fmt::Display| SetupError {
+        key: "adapter.nats.servers",
+        message: format!("cannot connect to NATS at {}: {e}", shown.join(",")),
+    };
     let addrs = servers
         .iter()
         .map(|s| s.parse::<async_nats::ServerAddr>())
@@ -148,10 +290,8 @@ pub async fn nats(servers: &[String], prefix: &str) -> Result<Link, String> {
         .map_err(|e| fail(&e))?;
     let (up_tx, up_rx) = watch::channel(false);
     let events = up_tx.clone();
-    let options = async_nats::ConnectOptions::new()
-        .connection_timeout(CONNECT_TIMEOUT)
-        .max_reconnects(None)
-        .event_callback(move |event| {
+    let options = nats_options(config).await?.connection_timeout(CONNECT_TIMEOUT).max_reconnects(None).event_callback(
+        move |event| {
             let events = events.clone();
             async move {
                 match event {
@@ -166,7 +306,8 @@ pub async fn nats(servers: &[String], prefix: &str) -> Result<Link, String> {
                     _ => {}
                 }
             }
-        });
+        },
+    );
     let client = tokio::time::timeout(
         CONNECT_TIMEOUT + Duration::from_secs(1),
         async_nats::connect_with_options(addrs, options),

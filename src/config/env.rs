@@ -137,8 +137,31 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
     if let Some((v, _)) = get(e, &["REDIS_URL"]) {
         c.adapter.redis.url = v.to_owned();
     }
+    let list = |v: &str| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    if let Some((v, _)) = get(e, &["REDIS_SENTINELS"]) {
+        c.adapter.redis.sentinels = list(v);
+    }
+    if let Some((v, _)) = get(e, &["REDIS_CLUSTER_NODES"]) {
+        c.adapter.redis.cluster_nodes = list(v);
+    }
     if let Some((v, _)) = get(e, &["NATS_SERVERS"]) {
-        c.adapter.nats.servers = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        c.adapter.nats.servers = list(v);
+    }
+    let (r, n) = (&mut c.adapter.redis, &mut c.adapter.nats);
+    let strings: [(&str, &mut String); 8] = [
+        ("REDIS_CA_PATH", &mut r.ca_path),
+        ("REDIS_MASTER_NAME", &mut r.master_name),
+        ("NATS_CA_PATH", &mut n.ca_path),
+        ("NATS_USERNAME", &mut n.username),
+        ("NATS_PASSWORD", &mut n.password),
+        ("NATS_TOKEN", &mut n.token),
+        ("NATS_CREDENTIALS_PATH", &mut n.credentials_path),
+        ("NATS_NKEY_PATH", &mut n.nkey_path),
+    ];
+    for (var, slot) in strings {
+        if let Some((v, _)) = get(e, &[var]) {
+            *slot = v.trim().to_owned();
+        }
     }
     if let Some((v, _)) = get(e, &["APP_MANAGER_DRIVER"]) {
         c.app_manager.driver = v.trim().to_ascii_lowercase();

@@ -238,8 +238,14 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
             "request_timeout_ms must be above 0 and node_timeout_ms at least 2000 (two heartbeats)",
         ));
     }
+    if a.driver == AdapterDriver::Redis || c.rate_limits.driver == "redis" {
+        validate_redis(&a.redis)?;
+    }
+    if a.driver == AdapterDriver::Nats {
+        validate_nats(&a.nats)?;
+    }
     match a.driver {
-        AdapterDriver::Redis if a.redis.url.is_empty() => {
+        AdapterDriver::Redis if a.redis.url.is_empty() && a.redis.cluster_nodes.is_empty() => {
             return Err(ConfigError::new("adapter.redis.url", "is required with the redis driver"))
         }
         AdapterDriver::Nats if a.nats.servers.is_empty() => {
@@ -304,6 +310,42 @@ fn check_ranges(c: &Config) -> Result<(), ConfigError> {
         if value > max {
             return Err(ConfigError::new(key, format!("{value} is above the maximum of {max}")));
         }
+    }
+    Ok(())
+}
+
+/// `adapter.redis`: the mode's addresses are present. Files are read when connecting, where an
+/// unreadable one is reported under its key too.
+fn validate_redis(r: &super::RedisConfig) -> Result<(), ConfigError> {
+    if r.cluster_nodes.is_empty() && !r.sentinels.is_empty() && r.master_name.is_empty() {
+        return Err(ConfigError::new("adapter.redis.master_name", "is required with adapter.redis.sentinels"));
+    }
+    let lists = [("adapter.redis.sentinels", &r.sentinels), ("adapter.redis.cluster_nodes", &r.cluster_nodes)];
+    for (key, urls) in lists {
+        if let Some(bad) = urls.iter().find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://"))) {
+            return Err(ConfigError::new(
+                key,
+                format!("{} must start with redis:// or rediss://", mask_url_password(bad)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `adapter.nats`: one way to sign in at most, and a username goes with a password.
+fn validate_nats(n: &super::NatsConfig) -> Result<(), ConfigError> {
+    let ways = [
+        ("adapter.nats.username", !n.username.is_empty() || !n.password.is_empty()),
+        ("adapter.nats.token", !n.token.is_empty()),
+        ("adapter.nats.credentials_path", !n.credentials_path.is_empty()),
+        ("adapter.nats.nkey_path", !n.nkey_path.is_empty()),
+    ];
+    let chosen: Vec<&str> = ways.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect();
+    if chosen.len() > 1 {
+        return Err(ConfigError::new(chosen[1], format!("only one of {} may be set", chosen.join(", "))));
+    }
+    if n.username.is_empty() != n.password.is_empty() {
+        return Err(ConfigError::new("adapter.nats.password", "username and password go together"));
     }
     Ok(())
 }

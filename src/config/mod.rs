@@ -260,17 +260,39 @@ pub struct AdapterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// One server: `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. With
+    /// `sentinels` it gives only the master's scheme, credentials and database (the sentinels
+    /// name its address).
     pub url: String,
     /// Key/channel prefix, so several clusters can share one Redis.
     pub prefix: String,
+    /// PEM file of the CA that signed the servers' certificates, trusted instead of the system's
+    /// roots (a private CA); empty for the system's roots. Needs `rediss://` URLs.
+    pub ca_path: String,
+    /// Sentinel mode when not empty: `redis://[user:password@]host:port` of each sentinel.
+    pub sentinels: Vec<String>,
+    /// The master's name at the sentinels (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// Redis Cluster mode when not empty (it wins over `sentinels` and `url`): seed node URLs.
+    pub cluster_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// `nats://host:port`, or `tls://host:port` to require TLS; credentials in a URL work too.
     pub servers: Vec<String>,
     /// Subject prefix, so several clusters can share one NATS.
     pub prefix: String,
+    /// PEM file of the CA that signed the servers' certificates; when set, TLS is required.
+    pub ca_path: String,
+    /// At most one way to sign in: `username` + `password`, `token`, `credentials_path` (a
+    /// `.creds` file: user JWT and nkey seed) or `nkey_path` (a file holding an nkey seed).
+    pub username: String,
+    pub password: String,
+    pub token: String,
+    pub credentials_path: String,
+    pub nkey_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -629,13 +651,29 @@ impl Default for AdapterConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), prefix: "sockudo".into() }
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "sockudo".into(),
+            ca_path: String::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
+            cluster_nodes: Vec::new(),
+        }
     }
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { servers: vec!["nats://127.0.0.1:4222".into()], prefix: "sockudo".into() }
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            prefix: "sockudo".into(),
+            ca_path: String::new(),
+            username: String::new(),
+            password: String::new(),
+            token: String::new(),
+            credentials_path: String::new(),
+            nkey_path: String::new(),
+        }
     }
 }
 

@@ -16,6 +16,11 @@ use crate::support::*;
 pub enum Broker {
     Redis(String),
     Nats(String),
+    /// Redis with a whole `adapter.redis` section: TLS and ACL, Sentinel, or Cluster
+    /// (`secure_links.rs`); the prefix is set per test.
+    RedisWith(Box<sockudo::config::RedisConfig>),
+    /// NATS with a whole `adapter.nats` section: TLS and credentials (`secure_links.rs`).
+    NatsWith(Box<sockudo::config::NatsConfig>),
 }
 
 impl Broker {
@@ -28,8 +33,8 @@ impl Broker {
 
     fn name(&self) -> &'static str {
         match self {
-            Broker::Redis(_) => "redis",
-            Broker::Nats(_) => "nats",
+            Broker::Redis(_) | Broker::RedisWith(_) => "redis",
+            Broker::Nats(_) | Broker::NatsWith(_) => "nats",
         }
     }
 
@@ -38,7 +43,7 @@ impl Broker {
         self.node_with(prefix, |_| {}).await
     }
 
-    async fn node_with(&self, prefix: &str, f: impl FnOnce(&mut sockudo::config::Config)) -> TestServer {
+    pub(crate) async fn node_with(&self, prefix: &str, f: impl FnOnce(&mut sockudo::config::Config)) -> TestServer {
         let (broker, prefix) = (self.clone(), prefix.to_owned());
         TestServer::start_with(move |c| {
             f(c);
@@ -55,18 +60,26 @@ impl Broker {
                     c.adapter.nats.servers = vec![url];
                     c.adapter.nats.prefix = prefix;
                 }
+                Broker::RedisWith(redis) => {
+                    c.adapter.driver = AdapterDriver::Redis;
+                    c.adapter.redis = sockudo::config::RedisConfig { prefix, ..*redis };
+                }
+                Broker::NatsWith(nats) => {
+                    c.adapter.driver = AdapterDriver::Nats;
+                    c.adapter.nats = sockudo::config::NatsConfig { prefix, ..*nats };
+                }
             }
         })
         .await
     }
 
     /// `n` nodes that see each other.
-    async fn cluster(&self, n: usize) -> Vec<TestServer> {
+    pub(crate) async fn cluster(&self, n: usize) -> Vec<TestServer> {
         self.cluster_with(n, |_| {}).await
     }
 
     /// `n` nodes that see each other, each configured by `f` too.
-    async fn cluster_with(&self, n: usize, f: impl Fn(&mut sockudo::config::Config)) -> Vec<TestServer> {
+    pub(crate) async fn cluster_with(&self, n: usize, f: impl Fn(&mut sockudo::config::Config)) -> Vec<TestServer> {
         let prefix = format!("it-{}-{}", std::process::id(), fastrand::u64(..));
         let mut nodes = Vec::new();
         for _ in 0..n {
@@ -95,13 +108,13 @@ async fn wait_for_members(node: &TestServer, channel: &str, n: usize) {
     assert!(known, "the node never listed {n} members of {channel}");
 }
 
-async fn stop_all(nodes: Vec<TestServer>) {
+pub(crate) async fn stop_all(nodes: Vec<TestServer>) {
     for n in nodes {
         n.stop().await;
     }
 }
 
-async fn broadcast_reaches_every_node_and_excludes_the_socket(broker: Broker) {
+pub(crate) async fn broadcast_reaches_every_node_and_excludes_the_socket(broker: Broker) {
     let nodes = broker.cluster(2).await;
     let mut a = nodes[0].client().await;
     let mut b = nodes[1].client().await;
@@ -135,7 +148,7 @@ async fn broadcast_reaches_every_node_and_excludes_the_socket(broker: Broker) {
     stop_all(nodes).await;
 }
 
-async fn presence_is_cluster_wide_and_once_per_user(broker: Broker) {
+pub(crate) async fn presence_is_cluster_wide_and_once_per_user(broker: Broker) {
     let nodes = broker.cluster(2).await;
     let mut alice = nodes[0].client().await;
     alice.subscribe_presence("presence-room", "alice").await;
@@ -200,7 +213,7 @@ async fn nats_presence_limit() {
     presence_limit_is_cluster_wide(Broker::nats()).await;
 }
 
-async fn cache_counts_and_channel_queries_are_shared(broker: Broker) {
+pub(crate) async fn cache_counts_and_channel_queries_are_shared(broker: Broker) {
     let nodes = broker.cluster(2).await;
     nodes[0].publish("cache-quotes", "quote", "42").await;
     let mut late = nodes[1].client().await;

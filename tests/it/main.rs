@@ -19,6 +19,7 @@ mod overload;
 mod protocol;
 mod rate_limits;
 mod reliability;
+mod secure_links;
 mod support;
 mod telemetry;
 mod tls;
