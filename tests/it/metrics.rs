@@ -15,7 +15,6 @@ use crate::support::*;
 const NOT_YET_EMITTED: &[(&str, &str)] = &[
     ("sockudo_http_server_request_duration_seconds", "issue 17"),
     ("sockudo_socket_send_queue_bytes", "issue 17"),
-    ("sockudo_horizontal_adapter_dropped_total", "issues 14 and 17"),
     ("sockudo_telemetry_export_failures_total", "issue 17"),
     ("sockudo_runtime_workers", "issue 17"),
     ("sockudo_runtime_alive_tasks", "issue 17"),
@@ -51,6 +50,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("sockudo_build_info", "gauge", &["port", "version"]),
     ("sockudo_horizontal_adapter_connected", "gauge", &["port", "adapter"]),
     ("sockudo_horizontal_adapter_nodes", "gauge", &["port", "adapter"]),
+    ("sockudo_horizontal_adapter_dropped_total", "counter", &["port", "adapter", "direction", "reason"]),
     ("sockudo_webhooks_total", "counter", &["app_id", "port", "outcome"]),
     ("sockudo_cache_channel_bytes", "gauge", &["app_id", "port"]),
     ("sockudo_cache_channel_evictions_total", "counter", &["app_id", "port"]),
@@ -221,6 +221,13 @@ async fn families_exist_at_zero_from_the_first_scrape() {
     assert_eq!(sample(&text, "sockudo_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
     assert_eq!(sample(&text, "sockudo_horizontal_adapter_connected", &[("adapter", "local")]), Some(1.0));
     assert_eq!(sample(&text, "sockudo_horizontal_adapter_nodes", &[("adapter", "local")]), Some(1.0));
+    for (direction, reason) in
+        [("in", "queue_full"), ("out", "queue_full"), ("in", "decode"), ("in", "unauthenticated")]
+    {
+        let l = [("adapter", "local"), ("direction", direction), ("reason", reason)];
+        assert_eq!(sample(&text, "sockudo_horizontal_adapter_dropped_total", &l), Some(0.0), "{direction} {reason}");
+    }
+    assert_eq!(text.matches("\nsockudo_horizontal_adapter_dropped_total{").count(), 4, "no other combination");
     let port = server.port.to_string();
     assert_eq!(sample(&text, "sockudo_connected", &[("app_id", "app-id"), ("port", &port)]), Some(0.0));
     server.stop().await;
