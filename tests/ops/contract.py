@@ -49,6 +49,7 @@ METRICS = {
     "sockudo_build_info": ("gauge", ["port", "version"]),
     "sockudo_horizontal_adapter_connected": ("gauge", ["port", "adapter"]),
     "sockudo_horizontal_adapter_nodes": ("gauge", ["port", "adapter"]),
+    "sockudo_horizontal_adapter_dropped_total": ("counter", ["port", "adapter", "direction", "reason"]),
     "sockudo_webhooks_total": ("counter", ["app_id", "port", "outcome"]),
     # 1.6 metrics added so far
     "sockudo_cache_channel_bytes": ("gauge", ["app_id", "port"]),
@@ -68,7 +69,6 @@ METRICS = {
 NOT_YET_EMITTED = {
     "sockudo_http_server_request_duration_seconds": "issue 17",
     "sockudo_socket_send_queue_bytes": "issue 17",
-    "sockudo_horizontal_adapter_dropped_total": "issues 14 and 17",
     "sockudo_telemetry_export_failures_total": "issue 17",
     "sockudo_runtime_workers": "issue 17",
     "sockudo_runtime_alive_tasks": "issue 17",
