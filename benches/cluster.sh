@@ -6,8 +6,11 @@
 #
 # Needs redis-server on 127.0.0.1:6379 and nats-server on 127.0.0.1:4222 (each cluster uses a
 # fresh random prefix, so it does not meet other users of the broker).
+# Each broker runs twice: unsigned, and with signed envelopes (`ADAPTER_CLUSTER_SECRET`), so the
+# cost of signing is read off the same run.
 # Environment: CLUSTER_SUBS (1000), CLUSTER_RATE (20), CLUSTER_T (15), BENCH_QUIET_WAIT (60),
-# BENCH_NO_BUILD=1 to skip the build.
+# BENCH_CLUSTER_SECRET (the signed runs' key; a fixed 32-byte default), BENCH_NO_BUILD=1 to skip
+# the build.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -16,6 +19,7 @@ JSON="${OUT%.md}.json"
 SUBS="${CLUSTER_SUBS:-1000}" RATE="${CLUSTER_RATE:-20}" T="${CLUSTER_T:-15}"
 REDIS_URL_="${BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
 NATS_URL_="${BENCH_NATS_URL:-nats://127.0.0.1:4222}"
+SECRET_="${BENCH_CLUSTER_SECRET:-bench-cluster-secret-0123456789ab}"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
@@ -66,23 +70,28 @@ SINGLE_LOG="$NODE_LOG"
 stop_all
 
 # --- two nodes on a broker --------------------------------------------------------------------
+# cluster DRIVER URL_VAR URL [SECRET]: two nodes; with SECRET their envelopes are signed.
 cluster() {
-    local driver="$1" url_var="$2" url="$3"
+    local driver="$1" url_var="$2" url="$3" secret="${4:-}"
     local prefix="bench-$(date +%s)-$RANDOM"
-    local cfg="$WORK/$driver.json"
+    local tag="$driver" label="two nodes, $driver" extra=()
+    if [[ -n "$secret" ]]; then
+        tag="${driver}_signed" label="two nodes, $driver, signed" extra=("ADAPTER_CLUSTER_SECRET=$secret")
+    fi
+    local cfg="$WORK/$tag.json"
     printf '{"adapter":{"driver":"%s","%s":{"prefix":"%s"}}}\n' "$driver" "$driver" "$prefix" >"$cfg"
-    start_node "$driver-A" ADAPTER_DRIVER="$driver" "$url_var=$url" -- --config "$cfg"
+    start_node "$tag-A" ADAPTER_DRIVER="$driver" "$url_var=$url" "${extra[@]}" -- --config "$cfg"
     local pa="$NODE_PID" porta="$NODE_PORT" ma="$NODE_METRICS_PORT"
-    eval "LOGA_$driver=\$NODE_LOG"
-    start_node "$driver-B" ADAPTER_DRIVER="$driver" "$url_var=$url" -- --config "$cfg"
+    eval "LOGA_$tag=\$NODE_LOG"
+    start_node "$tag-B" ADAPTER_DRIVER="$driver" "$url_var=$url" "${extra[@]}" -- --config "$cfg"
     local pb="$NODE_PID" portb="$NODE_PORT" mb="$NODE_METRICS_PORT"
-    eval "LOGB_$driver=\$NODE_LOG"
+    eval "LOGB_$tag=\$NODE_LOG"
     wait_nodes "$ma" "$mb"
-    measure "two nodes, $driver" "$WORK/$driver-run.json" \
+    measure "$label" "$WORK/$tag-run.json" \
         --port "$porta" --server-pid "$pa" --also-server-pid "$pb" "${FANOUT[@]}" --subscribe-ports "$porta,$portb"
     # Cross-node health after the run.
     for m in "$ma" "$mb"; do
-        log "node metrics :$m: nodes=$(metric "$m" sockudo_horizontal_adapter_nodes) connected=$(metric "$m" sockudo_horizontal_adapter_connected) uncomplete_promises=$(metric "$m" sockudo_horizontal_adapter_uncomplete_promises)"
+        log "node metrics :$m: nodes=$(metric "$m" sockudo_horizontal_adapter_nodes) connected=$(metric "$m" sockudo_horizontal_adapter_connected) uncomplete_promises=$(metric "$m" sockudo_horizontal_adapter_uncomplete_promises) dropped=$(metric "$m" sockudo_horizontal_adapter_dropped_total)"
     done
     stop_all
 }
@@ -90,6 +99,9 @@ cluster redis REDIS_URL "$REDIS_URL_"
 CMD_redis="2 × \`ADAPTER_DRIVER=redis REDIS_URL=$REDIS_URL_ sockudo --config cfg.json\`, cfg.json = \`{\"adapter\":{\"driver\":\"redis\",\"redis\":{\"prefix\":\"bench-<rand>\"}}}\`; \`sockudo-bench --port A --server-pid A --also-server-pid B ${FANOUT[*]} --subscribe-ports A,B\`"
 cluster nats NATS_SERVERS "$NATS_URL_"
 CMD_nats="2 × \`ADAPTER_DRIVER=nats NATS_SERVERS=$NATS_URL_ sockudo --config cfg.json\`, cfg.json = \`{\"adapter\":{\"driver\":\"nats\",\"nats\":{\"prefix\":\"bench-<rand>\"}}}\`; \`sockudo-bench --port A --server-pid A --also-server-pid B ${FANOUT[*]} --subscribe-ports A,B\`"
+cluster redis REDIS_URL "$REDIS_URL_" "$SECRET_"
+cluster nats NATS_SERVERS "$NATS_URL_" "$SECRET_"
+CMD_signed="as the row above, with \`ADAPTER_CLUSTER_SECRET=<${#SECRET_} bytes>\` on both nodes"
 
 # --- table ------------------------------------------------------------------------------------
 SINGLE_P99="$(jq -r '.result.latency.p99_ms // empty' "$WORK/single.json")"
@@ -107,7 +119,7 @@ row() {
       end' "$file"
 }
 {
-    echo "# Cross-node fan-out: Redis and NATS against one node"
+    echo "# Cross-node fan-out: Redis and NATS against one node, unsigned and signed"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- server: sockudo $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (target/release/sockudo), brokers: redis-server $(redis-server --version 2>/dev/null | awk '{print $3}' | sed 's/v=//'), nats-server $(nats-server --version 2>/dev/null | awk '{print $NF}')"
@@ -121,9 +133,12 @@ row() {
     echo "|---|---|---|---|---|---|---|---|---|---|"
     row "one node, local adapter" "$WORK/single.json" "$CMD_single"
     row "two nodes, Redis" "$WORK/redis-run.json" "$CMD_redis"
+    row "two nodes, Redis, signed" "$WORK/redis_signed-run.json" "$CMD_signed"
     row "two nodes, NATS" "$WORK/nats-run.json" "$CMD_nats"
+    row "two nodes, NATS, signed" "$WORK/nats_signed-run.json" "$CMD_signed"
     echo
-    for l in "$SINGLE_LOG" "${LOGA_redis:-}" "${LOGB_redis:-}" "${LOGA_nats:-}" "${LOGB_nats:-}"; do
+    for l in "$SINGLE_LOG" "${LOGA_redis:-}" "${LOGB_redis:-}" "${LOGA_redis_signed:-}" "${LOGB_redis_signed:-}" \
+        "${LOGA_nats:-}" "${LOGB_nats:-}" "${LOGA_nats_signed:-}" "${LOGB_nats_signed:-}"; do
         [[ -n "$l" && -f "$l" ]] || continue
         p="$(log_problems "$l")"
         [[ -n "$p" ]] && printf -- '- warnings/errors in %s:\n\n```\n%s\n```\n' "$(basename "$l" .log)" "$p"

@@ -82,7 +82,13 @@ start_node() {
     NODE_PID=$!
     STARTED_PIDS+=("$NODE_PID")
     wait_port "$NODE_PORT" "$NODE_LOG"
-    log "$name: sockudo pid $NODE_PID on 127.0.0.1:$NODE_PORT (metrics $NODE_METRICS_PORT) ${envs[*]} ${args[*]}"
+    # Secrets (ADAPTER_CLUSTER_SECRET) are not echoed into the bench's output.
+    local shown=() e
+    for e in "${envs[@]}"; do
+        [[ "$e" == *SECRET=* ]] && e="${e%%=*}=****"
+        shown+=("$e")
+    done
+    log "$name: sockudo pid $NODE_PID on 127.0.0.1:$NODE_PORT (metrics $NODE_METRICS_PORT) ${shown[*]} ${args[*]}"
 }
 
 # A metric's largest value on a node's /metrics (empty if absent).

@@ -7,7 +7,8 @@
 Every seed panel of docs "Monitoring Sockudo" is here with corrected PromQL, plus panels for the
 metrics the contract adds. Selectors: `instance=~"$instance"` on every sockudo/process query,
 `app_id=~"$app_id"` on every metric that carries app_id (sockudo_build_info,
-sockudo_horizontal_adapter_connected/_nodes and process_* have no app_id in the contract),
+sockudo_horizontal_adapter_connected/_nodes/_dropped_total and process_* have no app_id in the
+contract),
 `instance=~"$node"` on node_exporter queries.
 """
 import json
@@ -280,6 +281,13 @@ def build():
         (f"sum by (instance) (rate(sockudo_horizontal_adapter_resolved_promises{{{S}}}[{RI}]))", "{{instance}} resolved"),
         (f"sum by (instance) (rate(sockudo_horizontal_adapter_uncomplete_promises{{{S}}}[{RI}]))", "{{instance}} timed out"),
     ], unit="ops"), 12, 8)
+    L.add(timeseries("Cluster envelopes dropped", [
+        (f"sum by (instance, direction, reason) (rate(sockudo_horizontal_adapter_dropped_total{{{I}}}[{RI}]))",
+         "{{instance}} {{direction}} {{reason}}"),
+    ], unit="ops", desc="Envelopes not sent or not processed. in/unauthenticated: unsigned, badly signed, "
+                        "outside the 30 s replay window or naming another sender (forged, or a node with "
+                        "another adapter.cluster_secret); in/decode: malformed; queue_full: a bounded queue "
+                        "was full."), 12, 8)
 
     # ------------------------------------------------------------------ broadcast
     L.row("Broadcast performance")

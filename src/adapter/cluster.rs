@@ -4,7 +4,10 @@
 //! `transport.rs` only move these envelopes.
 //!
 //! An envelope is a small JSON header, a newline, and a body (for broadcasts, the frame exactly
-//! as sockets receive it, so a receiving node never serialises it again).
+//! as sockets receive it, so a receiving node never serialises it again). With
+//! `adapter.cluster_secret` every envelope is sealed ([`Signer`]): a line carrying an
+//! HMAC-SHA256 over the sender's id, a timestamp and the envelope's bytes, computed once per
+//! envelope on send and verified over the received bytes before the header is parsed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,9 +15,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Sha256;
 use tokio::sync::mpsc;
+
+use crate::telemetry::logs::Sparse;
 
 /// What travels between nodes. Every variant names its sender (`n`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,11 +113,17 @@ impl Header {
 
 /// Header JSON, `\n`, body.
 pub fn encode(header: &Header, body: &[u8]) -> Bytes {
-    let mut out = serde_json::to_vec(header).unwrap_or_default();
+    let mut out = Vec::with_capacity(128 + body.len());
+    encode_into(&mut out, header, body);
+    Bytes::from(out)
+}
+
+fn encode_into(out: &mut Vec<u8>, header: &Header, body: &[u8]) {
+    // Writing a derived `Serialize` of strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, header);
     out.reserve(body.len() + 1);
     out.push(b'\n');
     out.extend_from_slice(body);
-    Bytes::from(out)
 }
 
 /// The header and body of an envelope; `None` for anything malformed (ignored, never fatal).
@@ -118,6 +131,152 @@ pub fn decode(payload: &Bytes) -> Option<(Header, Bytes)> {
     let split = payload.iter().position(|b| *b == b'\n')?;
     let header = serde_json::from_slice(&payload[..split]).ok()?;
     Some((header, payload.slice(split + 1..)))
+}
+
+// ---- signed envelopes ------------------------------------------------------------------
+
+/// How far a sealed envelope's timestamp may be from the receiver's clock, either way. A
+/// captured envelope can be replayed only within this window; nodes' clocks must agree to well
+/// within it (NTP).
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(30);
+
+/// The first bytes of a sealed envelope. An unsigned one starts with its JSON header (`{`).
+const SEALED: &[u8] = b"s1 ";
+/// The MAC in hex, after [`SEALED`].
+const MAC_HEX: usize = 64;
+/// Where the signed part starts: after `s1 `, the MAC and a space.
+const SIGNED_AT: usize = SEALED.len() + MAC_HEX + 1;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Seals and opens envelopes with the cluster secret.
+///
+/// A sealed envelope is `s1 <mac: 64 hex> <unix ms> <node id>\n<header JSON>\n<body>`, and the
+/// MAC is HMAC-SHA256 over `s1 ` and every byte after the MAC's trailing space: the timestamp,
+/// the sender's id and the envelope exactly as sent. The receiver verifies it over the bytes it
+/// received (in constant time), before it parses anything, then checks the timestamp against
+/// [`REPLAY_WINDOW`] and that the header names the same sender as the signed line.
+#[derive(Clone)]
+pub struct Signer {
+    /// Keyed once: each seal or open clones this state instead of hashing the key again.
+    keyed: HmacSha256,
+}
+
+/// Why an envelope from the broker was not processed. Each maps to one `reason` of
+/// `horizontal_adapter_dropped_total` ([`Rejected::reason`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Not an envelope: no header line, or a header that is not ours (from a trusted sender).
+    #[error("malformed envelope")]
+    Malformed,
+    /// This node requires signatures and the envelope carries none.
+    #[error("unsigned envelope")]
+    Unsigned,
+    /// Signed, but this node has no `adapter.cluster_secret` to verify it with.
+    #[error("signed envelope, but this node has no cluster secret")]
+    NoSecret,
+    /// The MAC does not verify (another secret, or forged or altered bytes).
+    #[error("signature does not verify")]
+    BadSignature,
+    /// The MAC verifies but the timestamp is outside the replay window.
+    #[error("timestamp outside the replay window")]
+    Stale,
+    /// The MAC verifies but the header claims another sender than the signed one.
+    #[error("header sender differs from the signed sender")]
+    SenderMismatch,
+}
+
+/// `reason` of a dropped incoming envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Decode,
+    Unauthenticated,
+}
+
+impl Rejected {
+    /// Anything not shown to come from a holder of the secret is `unauthenticated`; `decode` is
+    /// left for envelopes a trusted sender got wrong (a bug or a version skew worth a look).
+    pub fn reason(&self) -> RejectReason {
+        match self {
+            Rejected::Malformed => RejectReason::Decode,
+            Rejected::Unsigned
+            | Rejected::NoSecret
+            | Rejected::BadSignature
+            | Rejected::Stale
+            | Rejected::SenderMismatch => RejectReason::Unauthenticated,
+        }
+    }
+}
+
+impl Signer {
+    /// A signer keyed with `secret` (HMAC takes a key of any length; `validate` has checked it).
+    pub fn new(secret: &[u8]) -> Result<Self, hmac::digest::InvalidLength> {
+        Ok(Self { keyed: HmacSha256::new_from_slice(secret)? })
+    }
+
+    /// `header` and `body` sealed by `node` at `now_ms` (Unix milliseconds): one buffer, one MAC.
+    pub fn seal(&self, node: &str, now_ms: u64, header: &Header, body: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(SIGNED_AT + 24 + node.len() + 128 + body.len());
+        out.extend_from_slice(SEALED);
+        out.resize(SEALED.len() + MAC_HEX, b'0');
+        out.push(b' ');
+        out.extend_from_slice(now_ms.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(node.as_bytes());
+        out.push(b'\n');
+        encode_into(&mut out, header, body);
+        let mut mac = self.keyed.clone();
+        mac.update(SEALED);
+        mac.update(&out[SIGNED_AT..]);
+        let tag = mac.finalize().into_bytes();
+        // 32 bytes into 64 hex digits: the sizes are fixed, so this cannot fail.
+        let _ = hex::encode_to_slice(tag, &mut out[SEALED.len()..SEALED.len() + MAC_HEX]);
+        Bytes::from(out)
+    }
+
+    /// The signed sender and the envelope inside `payload`, if its MAC verifies and its
+    /// timestamp is within the window of `now_ms`.
+    pub fn open(&self, payload: &Bytes, now_ms: u64) -> Result<(String, Bytes), Rejected> {
+        if !payload.starts_with(SEALED) {
+            return Err(Rejected::Unsigned);
+        }
+        if payload.len() <= SIGNED_AT || payload[SIGNED_AT - 1] != b' ' {
+            return Err(Rejected::BadSignature);
+        }
+        let mut tag = [0u8; 32];
+        hex::decode_to_slice(&payload[SEALED.len()..SIGNED_AT - 1], &mut tag).map_err(|_| Rejected::BadSignature)?;
+        let mut mac = self.keyed.clone();
+        mac.update(SEALED);
+        mac.update(&payload[SIGNED_AT..]);
+        mac.verify_slice(&tag).map_err(|_| Rejected::BadSignature)?;
+        // Authenticated from here on: what fails to parse was sent by a holder of the secret.
+        let signed = &payload[SIGNED_AT..];
+        let line_end = signed.iter().position(|b| *b == b'\n').ok_or(Rejected::Malformed)?;
+        let line = std::str::from_utf8(&signed[..line_end]).map_err(|_| Rejected::Malformed)?;
+        let (ts, node) = line.split_once(' ').ok_or(Rejected::Malformed)?;
+        let ts: u64 = ts.parse().map_err(|_| Rejected::Malformed)?;
+        if ts.abs_diff(now_ms) > REPLAY_WINDOW.as_millis() as u64 {
+            return Err(Rejected::Stale);
+        }
+        Ok((node.to_owned(), payload.slice(SIGNED_AT + line_end + 1..)))
+    }
+}
+
+/// The sender a sealed envelope claims, read without verifying anything: only to skip our own
+/// envelopes (Redis echoes them) before paying for a MAC. A forgery claiming our id is then
+/// dropped uncounted, which is what verifying it would have led to as well.
+fn claimed_sender(payload: &[u8]) -> Option<&[u8]> {
+    if !payload.starts_with(SEALED) {
+        return None;
+    }
+    let signed = payload.get(SIGNED_AT..)?;
+    let line = &signed[..signed.iter().position(|b| *b == b'\n')?];
+    let space = line.iter().position(|b| *b == b' ')?;
+    Some(&line[space + 1..])
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 struct Member {
@@ -144,7 +303,21 @@ pub struct Cluster {
     next_id: AtomicU64,
     pub request_timeout: Duration,
     pub node_timeout: Duration,
+    /// Seals every envelope sent and requires a seal on every one received, when set.
+    signer: Option<Signer>,
+    /// Envelopes not queued for the broker: the outbox was full.
     dropped: AtomicU64,
+    /// Envelopes received and not processed, by [`RejectReason`].
+    malformed: AtomicU64,
+    unauthenticated: AtomicU64,
+}
+
+/// The envelopes [`Cluster`] has dropped so far, for `horizontal_adapter_dropped_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterDrops {
+    pub out_queue_full: u64,
+    pub in_decode: u64,
+    pub in_unauthenticated: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,7 +326,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Cluster {
-    pub fn new(node: &str, out: mpsc::Sender<Bytes>, request_timeout: Duration, node_timeout: Duration) -> Self {
+    pub fn new(
+        node: &str,
+        out: mpsc::Sender<Bytes>,
+        request_timeout: Duration,
+        node_timeout: Duration,
+        signer: Option<Signer>,
+    ) -> Self {
         Self {
             node: Arc::from(node),
             out,
@@ -163,17 +342,83 @@ impl Cluster {
             next_id: AtomicU64::new(1),
             request_timeout,
             node_timeout,
+            signer,
             dropped: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            unauthenticated: AtomicU64::new(0),
         }
     }
 
-    /// Queues an envelope for the broker; a full queue drops it (counted, logged sparsely).
+    /// Whether envelopes are sealed and seals required.
+    pub fn signed(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// Queues an envelope for the broker, sealed once when signing is on; a full queue drops
+    /// it (counted, logged sparsely).
     pub fn send(&self, header: &Header, body: &[u8]) {
-        if self.out.try_send(encode(header, body)).is_err() {
+        let envelope = match &self.signer {
+            Some(s) => s.seal(&self.node, unix_millis(), header, body),
+            None => encode(header, body),
+        };
+        if self.out.try_send(envelope).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "cluster outbox full; envelopes dropped");
             }
+        }
+    }
+
+    /// The header and body of an envelope from the broker, verified first when signing is on;
+    /// `None` for our own (Redis echoes them) and for anything rejected, which is counted and
+    /// logged at a bounded rate (anyone who can reach the broker can send them).
+    pub fn open(&self, payload: &Bytes) -> Option<(Header, Bytes)> {
+        if self.signer.is_some() && claimed_sender(payload) == Some(self.node.as_bytes()) {
+            return None;
+        }
+        match self.verify(payload) {
+            Ok(opened) => Some(opened),
+            Err(rejected) => {
+                let counter = match rejected.reason() {
+                    RejectReason::Decode => &self.malformed,
+                    RejectReason::Unauthenticated => &self.unauthenticated,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                static LOG: Sparse = Sparse::new();
+                if let Some(suppressed) = LOG.admit() {
+                    tracing::warn!(
+                        reason = %rejected,
+                        suppressed,
+                        signed = self.signed(),
+                        "cluster envelope rejected; check that every node has the same adapter.cluster_secret"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn verify(&self, payload: &Bytes) -> Result<(Header, Bytes), Rejected> {
+        let Some(signer) = &self.signer else {
+            if payload.starts_with(SEALED) {
+                return Err(Rejected::NoSecret);
+            }
+            return decode(payload).ok_or(Rejected::Malformed);
+        };
+        let (node, envelope) = signer.open(payload, unix_millis())?;
+        let (header, body) = decode(&envelope).ok_or(Rejected::Malformed)?;
+        if header.sender() != node {
+            return Err(Rejected::SenderMismatch);
+        }
+        Ok((header, body))
+    }
+
+    /// What this side of the cluster has dropped so far.
+    pub fn drops(&self) -> ClusterDrops {
+        ClusterDrops {
+            out_queue_full: self.dropped.load(Ordering::Relaxed),
+            in_decode: self.malformed.load(Ordering::Relaxed),
+            in_unauthenticated: self.unauthenticated.load(Ordering::Relaxed),
         }
     }
 
@@ -362,7 +607,69 @@ mod tests {
 
     fn cluster() -> Cluster {
         let (tx, _rx) = mpsc::channel(16);
-        Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5))
+        Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None)
+    }
+
+    fn heartbeat(n: &str) -> Header {
+        Header::Heartbeat { n: n.into() }
+    }
+
+    #[test]
+    fn sealed_envelopes_open_only_with_the_secret_in_the_window() {
+        let signer = Signer::new(b"0123456789abcdef-cluster").unwrap();
+        let now = 1_700_000_000_000;
+        let h = Header::Broadcast {
+            n: "a".into(),
+            a: "app".into(),
+            c: "#server-to-user-u".into(),
+            x: None,
+            o: 0,
+            tp: None,
+            cache: false,
+            e: "ev".into(),
+        };
+        let sealed = signer.seal("a", now, &h, b"{\"event\":\"ev\"}");
+        let (node, inner) = signer.open(&sealed, now + 29_000).unwrap();
+        assert_eq!(node, "a");
+        let (back, body) = decode(&inner).unwrap();
+        assert_eq!(back.sender(), "a");
+        assert_eq!(&body[..], b"{\"event\":\"ev\"}");
+        assert_eq!(claimed_sender(&sealed), Some(&b"a"[..]));
+        // Outside the window on either side.
+        assert_eq!(signer.open(&sealed, now + 31_000), Err(Rejected::Stale));
+        assert_eq!(signer.open(&sealed, now - 31_000), Err(Rejected::Stale));
+        // Another secret, one flipped body byte, a truncated MAC, no seal at all.
+        let other = Signer::new(b"another-secret-of-16+").unwrap();
+        assert_eq!(other.open(&sealed, now), Err(Rejected::BadSignature));
+        let mut altered = sealed.to_vec();
+        *altered.last_mut().unwrap() ^= 1;
+        assert_eq!(signer.open(&Bytes::from(altered), now), Err(Rejected::BadSignature));
+        assert_eq!(signer.open(&sealed.slice(..40), now), Err(Rejected::BadSignature));
+        assert_eq!(signer.open(&encode(&h, b"{}"), now), Err(Rejected::Unsigned));
+    }
+
+    #[test]
+    fn a_signed_cluster_rejects_and_counts_what_it_cannot_trust() {
+        let secret = b"0123456789abcdef-cluster";
+        let (tx, _rx) = mpsc::channel(16);
+        let c = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), Signer::new(secret).ok());
+        let signer = Signer::new(secret).unwrap();
+        let now = unix_millis();
+        let good = signer.seal("b", now, &heartbeat("b"), b"");
+        assert_eq!(c.open(&good).map(|(h, _)| h.sender().to_owned()), Some("b".into()));
+        // Signed as b, but the header claims c: a holder of the secret cannot speak for others.
+        assert!(c.open(&signer.seal("b", now, &heartbeat("c"), b"")).is_none());
+        assert!(c.open(&encode(&heartbeat("b"), b"")).is_none());
+        assert!(c.open(&signer.seal("b", now - 60_000, &heartbeat("b"), b"")).is_none());
+        // Our own envelope (Redis echoes it) is skipped, not counted.
+        assert!(c.open(&signer.seal("me", now, &heartbeat("me"), b"")).is_none());
+        assert_eq!(c.drops(), ClusterDrops { out_queue_full: 0, in_decode: 0, in_unauthenticated: 3 });
+        // A trusting cluster counts garbage as decode and a sealed envelope as unauthenticated.
+        let plain = cluster();
+        assert!(plain.open(&Bytes::from_static(b"garbage")).is_none());
+        assert!(plain.open(&good).is_none());
+        assert!(plain.open(&encode(&heartbeat("b"), b"")).is_some());
+        assert_eq!(plain.drops(), ClusterDrops { out_queue_full: 0, in_decode: 1, in_unauthenticated: 1 });
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::outbox::CloseReason;
 use crate::protocol::rest::PublishEvent;
 use crate::protocol::{server, ChannelKind, ChannelName, PresenceMember, ProtocolError};
 use crate::shutdown::Shutdown;
+use crate::telemetry::metrics::AdapterDrops;
 use crate::telemetry::Metrics;
 use crate::webhooks::{EventKind, WebhookEvent, Webhooks};
 use cluster::{Cluster, Header, PresenceEvent, Query};
@@ -92,6 +93,22 @@ impl Adapter {
                 Some(transport::nats(&c.nats).await.map_err(|e| ConfigError::new(e.key, e.message))?)
             }
         };
+        let signer = match (&link, &c.cluster_secret) {
+            (Some(_), Some(secret)) => Some(
+                cluster::Signer::new(secret.as_bytes())
+                    .map_err(|e| ConfigError::new("adapter.cluster_secret", e.to_string()))?,
+            ),
+            (Some(_), None) => {
+                tracing::warn!(
+                    adapter = c.driver.as_str(),
+                    "cluster envelopes are not signed: anyone who can reach the broker can read and inject \
+                     broadcasts, terminations and presence; set adapter.cluster_secret on every node"
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        let attrs = metrics.adapter_attrs(c.driver.as_str());
         let (cluster, connected, inbox) = match link {
             Some(mut link) => {
                 let cluster = Arc::new(Cluster::new(
@@ -99,13 +116,29 @@ impl Adapter {
                     link.outgoing.clone(),
                     Duration::from_millis(c.request_timeout_ms),
                     Duration::from_millis(c.node_timeout_ms),
+                    signer,
                 ));
+                // Read at collection time: the counters stay plain atomics on the envelope path.
+                let (counted, link_drops) = (cluster.clone(), link.drops.clone());
+                metrics.adapter_dropped(&attrs, move || {
+                    let d = counted.drops();
+                    AdapterDrops {
+                        in_queue_full: link_drops.incoming.load(Ordering::Relaxed),
+                        out_queue_full: d.out_queue_full,
+                        in_decode: d.in_decode,
+                        in_unauthenticated: d.in_unauthenticated,
+                    }
+                });
                 let connected = link.connected.clone();
                 let (_, empty) = mpsc::channel(1);
                 let incoming = std::mem::replace(&mut link.incoming, empty);
                 (Some(cluster), connected, Some(Inbox { incoming, _link: link }))
             }
-            None => (None, watch::channel(true).1, None),
+            None => {
+                // A single node drops no envelopes; its series exist at 0 like every counter's.
+                metrics.adapter_dropped(&attrs, AdapterDrops::default);
+                (None, watch::channel(true).1, None)
+            }
         };
         let adapter = Self {
             registry: Registry::new(CacheBounds {
@@ -113,7 +146,7 @@ impl Adapter {
                 max_app_bytes: config.cache.max_bytes_per_app(),
                 max_node_bytes: config.cache.max_bytes(),
             }),
-            gauges: metrics.adapter_attrs(c.driver.as_str()),
+            gauges: attrs,
             metrics,
             apps,
             debounce: Duration::from_millis(config.subscription_count_debounce_ms),
@@ -536,7 +569,10 @@ impl Adapter {
     /// nodes, heartbeats, expires silent nodes, and resynchronises presence after an outage.
     pub async fn run(self: Arc<Self>, inbox: Inbox, shutdown: Shutdown) {
         let Some(cluster) = self.cluster.clone() else { return };
-        let Inbox { mut incoming, _link } = inbox;
+        let Inbox { mut incoming, _link: link } = inbox;
+        // Publishes the broker refused or could not take (it is down): not dropped for a
+        // reason of the metric's contract, so they are reported here, once a beat at most.
+        let mut unpublished = 0;
         let mut connected = self.connected.clone();
         let mut beat = tokio::time::interval(HEARTBEAT);
         cluster.send(&Header::Sync { n: cluster.me() }, b"");
@@ -548,6 +584,15 @@ impl Adapter {
                 },
                 _ = beat.tick() => {
                     cluster.send(&Header::Heartbeat { n: cluster.me() }, b"");
+                    let failed = link.drops.outgoing.load(Ordering::Relaxed);
+                    if failed > unpublished {
+                        tracing::warn!(
+                            envelopes = failed - unpublished,
+                            total = failed,
+                            "cluster envelopes could not be published to the broker"
+                        );
+                        unpublished = failed;
+                    }
                     for node in cluster.expire() {
                         tracing::warn!(node = %node, "cluster node went silent; removing its presence members");
                         self.peer_ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
@@ -580,7 +625,8 @@ impl Adapter {
     }
 
     async fn receive(&self, cluster: &Arc<Cluster>, payload: Bytes) {
-        let Some((header, body)) = cluster::decode(&payload) else { return };
+        // Verified (when signing is on) before the header is parsed; rejections are counted there.
+        let Some((header, body)) = cluster.open(&payload) else { return };
         let sender = header.sender().to_owned();
         if sender == *cluster.node {
             return;

@@ -134,6 +134,10 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
             _ => return Err(ConfigError::new(k, format!("{v:?} is not local, redis or nats"))),
         };
     }
+    if let Some((v, _)) = get(e, &["ADAPTER_CLUSTER_SECRET"]) {
+        // Taken as is (an empty value is refused by `validate`, not read as "no secret").
+        c.adapter.cluster_secret = Some(v.to_owned());
+    }
     if let Some((v, _)) = get(e, &["REDIS_URL"]) {
         c.adapter.redis.url = v.to_owned();
     }

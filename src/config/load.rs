@@ -256,12 +256,38 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         }
         _ => {}
     }
+    check_cluster_secret(a.cluster_secret.as_deref())?;
     let m = &c.app_manager;
     match m.driver.as_str() {
         "config" => validate_config_apps(&m.array.apps),
         "postgres" | "mysql" => validate_sql(&m.driver, &m.sql),
         other => Err(ConfigError::new("app_manager.driver", format!("{other:?} is not config, postgres or mysql"))),
     }
+}
+
+/// Shortest `adapter.cluster_secret` accepted: 16 bytes, so that a typo'd or placeholder value
+/// (`"x"`, `"changeme"`) is refused rather than signing a cluster with a guessable key.
+pub const MIN_CLUSTER_SECRET_BYTES: usize = 16;
+
+/// `adapter.cluster_secret`, when set: long enough, and without the leading or trailing
+/// whitespace a secret file or a shell quote adds by accident (it would be part of the key, and
+/// one node with a stray newline would silently leave the cluster).
+fn check_cluster_secret(secret: Option<&str>) -> Result<(), ConfigError> {
+    let Some(secret) = secret else { return Ok(()) };
+    let key = "adapter.cluster_secret";
+    if secret.is_empty() {
+        return Err(ConfigError::new(key, "is empty; leave it unset to run without signed envelopes"));
+    }
+    if secret.len() < MIN_CLUSTER_SECRET_BYTES {
+        return Err(ConfigError::new(
+            key,
+            format!("is {} bytes; at least {MIN_CLUSTER_SECRET_BYTES} are required", secret.len()),
+        ));
+    }
+    if secret.trim() != secret {
+        return Err(ConfigError::new(key, "has leading or trailing whitespace"));
+    }
+    Ok(())
 }
 
 /// Upper bounds of every duration, size and count of the file and the environment: each must
@@ -429,7 +455,9 @@ fn mask(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
-                if k == "secret" || k == "headers" || k.ends_with("password") || k.ends_with("token") {
+                // `null` stays visible: `--check-config` then shows that a secret is not set.
+                let secret = k.ends_with("secret") && !val.is_null();
+                if secret || k == "headers" || k.ends_with("password") || k.ends_with("token") {
                     *val = Value::String("********".into());
                 } else {
                     mask(val);
@@ -543,6 +571,22 @@ mod tests {
     }
 
     #[test]
+    fn cluster_secret_is_checked() {
+        let mut c = load(None, &HashMap::new()).unwrap();
+        assert_eq!(c.adapter.cluster_secret, None);
+        for bad in ["", "short", "fifteen-bytes!!", " sixteen-bytes-and-more", "sixteen-bytes-and-more\n"] {
+            c.adapter.cluster_secret = Some(bad.into());
+            assert_eq!(validate(&c).unwrap_err().key, "adapter.cluster_secret", "{bad:?}");
+        }
+        c.adapter.cluster_secret = Some("sixteen-bytes-ok".into());
+        assert!(validate(&c).is_ok());
+        let from_env = load(None, &env(&[("ADAPTER_CLUSTER_SECRET", "from-the-environment")])).unwrap();
+        assert_eq!(from_env.adapter.cluster_secret.as_deref(), Some("from-the-environment"));
+        let empty = load(None, &env(&[("ADAPTER_CLUSTER_SECRET", "")])).unwrap_err();
+        assert_eq!(empty.key, "adapter.cluster_secret");
+    }
+
+    #[test]
     fn masks() {
         // Every form a secret takes in a URL, one row each.
         let table = [
@@ -567,15 +611,20 @@ mod tests {
         c.otel.traces_endpoint = "https://collector:4318/v1/traces?api_key=k3y".into();
         c.adapter.nats.servers = vec!["nats://n4tst0ken@127.0.0.1:4222".into()];
         c.adapter.redis.url = "rediss://default:p@ss@redis.example:6380".into();
+        c.adapter.cluster_secret = Some("cl0st3r-s3cr3t-0123456789".into());
         c.app_manager.array.apps[0].webhooks = vec![crate::config::WebhookConfig {
             url: "https://hooks.example/in?token=wh00k".into(),
             event_types: vec![],
             headers: [("Authorization".to_owned(), "Bearer b34rer".to_owned())].into(),
         }];
         let shown = mask_secrets(&c).to_string();
-        for secret in ["app-secret", "hunter2", "k3y", "n4tst0ken", "p@ss", "ss@redis", "wh00k", "b34rer"] {
+        for secret in ["app-secret", "hunter2", "k3y", "n4tst0ken", "p@ss", "ss@redis", "wh00k", "b34rer", "cl0st3r"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
+        assert_eq!(mask_secrets(&c)["adapter"]["cluster_secret"], "********");
+        // An unset secret is shown as unset, not as a mask that suggests one is configured.
+        c.adapter.cluster_secret = None;
+        assert_eq!(mask_secrets(&c)["adapter"]["cluster_secret"], Value::Null);
         assert!(shown.contains("redis.example:6380") && shown.contains("hooks.example/in?token=****"), "{shown}");
     }
 }

@@ -253,6 +253,9 @@ pub struct AdapterConfig {
     pub request_timeout_ms: u64,
     /// A node silent for this long is dead: its presence members are removed everywhere.
     pub node_timeout_ms: u64,
+    /// Key of the HMAC-SHA256 that signs every cluster envelope (`ADAPTER_CLUSTER_SECRET`; the
+    /// same on every node). Without it the nodes trust whatever arrives on the broker topic.
+    pub cluster_secret: Option<String>,
     pub redis: RedisConfig,
     pub nats: NatsConfig,
 }
@@ -643,6 +646,7 @@ impl Default for AdapterConfig {
             driver: AdapterDriver::Local,
             request_timeout_ms: 1000,
             node_timeout_ms: 5000,
+            cluster_secret: None,
             redis: RedisConfig::default(),
             nats: NatsConfig::default(),
         }

@@ -116,6 +116,27 @@ impl CacheMeter {
 /// `port` and `adapter` of the adapter gauges.
 pub struct AdapterAttrs([KeyValue; 2]);
 
+/// Envelopes the adapter dropped so far, one field per series of
+/// `horizontal_adapter_dropped_total` (`direction`/`reason`). The adapter and its broker link
+/// count them in atomics; [`Metrics::adapter_dropped`] reads them at collection, so the
+/// envelope path pays one relaxed increment per drop and nothing otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdapterDrops {
+    /// `in`/`queue_full`: arrived while the node's inbox was full.
+    pub in_queue_full: u64,
+    /// `out`/`queue_full`: not queued for the broker, the outbox was full.
+    pub out_queue_full: u64,
+    /// `in`/`decode`: malformed, from a sender that was trusted (or verified).
+    pub in_decode: u64,
+    /// `in`/`unauthenticated`: unsigned, badly signed, outside the replay window, or naming
+    /// another sender than the signed one.
+    pub in_unauthenticated: u64,
+}
+
+/// `direction` and `reason` of `horizontal_adapter_dropped_total`, every valid combination.
+const ADAPTER_DROPS: [(&str, &str); 4] =
+    [("in", "queue_full"), ("out", "queue_full"), ("in", "decode"), ("in", "unauthenticated")];
+
 /// `outcome` of `webhooks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -136,6 +157,8 @@ impl std::fmt::Debug for AppAttrs {
 /// Every instrument.
 pub struct Metrics {
     port: u16,
+    /// Kept for the instruments whose source exists only later (`adapter_dropped`).
+    meter: Meter,
     connected: UpDownCounter<i64>,
     new_connections: Counter<u64>,
     new_disconnections: Counter<u64>,
@@ -215,6 +238,7 @@ impl Metrics {
             port,
             send_queues,
             _send_queue_gauge: send_queue_gauge,
+            meter: meter.clone(),
             connected: meter
                 .i64_up_down_counter("connected")
                 .with_description("Open WebSocket connections")
@@ -534,6 +558,31 @@ impl Metrics {
     /// The attribute set of the adapter gauges, built once by the adapter.
     pub fn adapter_attrs(&self, adapter: &'static str) -> AdapterAttrs {
         AdapterAttrs([KeyValue::new("port", self.port as i64), KeyValue::new("adapter", adapter)])
+    }
+
+    /// Declares `horizontal_adapter_dropped_total` for this node's adapter, reading `read` at
+    /// each collection. Called once, by the adapter; every combination of [`ADAPTER_DROPS`] is
+    /// a series from the first scrape.
+    pub fn adapter_dropped(&self, attrs: &AdapterAttrs, read: impl Fn() -> AdapterDrops + Send + Sync + 'static) {
+        let sets = ADAPTER_DROPS.map(|(direction, reason)| {
+            let mut v = attrs.0.to_vec();
+            v.push(KeyValue::new("direction", direction));
+            v.push(KeyValue::new("reason", reason));
+            v
+        });
+        // The handle is only a marker: the callback stays registered with the meter provider.
+        let _ = self
+            .meter
+            .u64_observable_counter("horizontal_adapter_dropped_total")
+            .with_description("Cluster envelopes not sent or not processed")
+            .with_callback(move |observer| {
+                let d = read();
+                let values = [d.in_queue_full, d.out_queue_full, d.in_decode, d.in_unauthenticated];
+                for (value, set) in values.into_iter().zip(&sets) {
+                    observer.observe(value, set);
+                }
+            })
+            .build();
     }
 
     /// Records the adapter's broker state and the nodes it sees.

@@ -46,6 +46,7 @@ impl Broker {
     pub(crate) async fn node_with(&self, prefix: &str, f: impl FnOnce(&mut sockudo::config::Config)) -> TestServer {
         let (broker, prefix) = (self.clone(), prefix.to_owned());
         TestServer::start_with(move |c| {
+            c.adapter.cluster_secret = Some(CLUSTER_SECRET.into());
             f(c);
             c.adapter.request_timeout_ms = 500;
             c.adapter.node_timeout_ms = 2000;
@@ -422,7 +423,7 @@ async fn process_node(
 async fn killed_node_presence_is_removed_once(broker: Broker) {
     let prefix = format!("it-kill-{}-{}", std::process::id(), fastrand::u64(..));
     let a = broker.node(&prefix).await;
-    let b = process_node(broker.name(), &prefix, &[]).await;
+    let b = process_node(broker.name(), &prefix, &[("ADAPTER_CLUSTER_SECRET", CLUSTER_SECRET.into())]).await;
     let adapter = broker.name();
     assert!(
         eventually(Duration::from_secs(10), || async {

@@ -9,6 +9,7 @@ mod apps_sql;
 mod cache_bounds;
 mod clients;
 mod cluster;
+mod cluster_signing;
 mod config;
 mod fuzz_regressions;
 mod hostile;

@@ -25,6 +25,8 @@ pub const KEY: &str = "app-key";
 pub const SECRET: &str = "app-secret";
 pub const APP_ID: &str = "app-id";
 pub const WAIT: Duration = Duration::from_secs(5);
+/// `adapter.cluster_secret` of the cluster tests' nodes (signing on unless a test turns it off).
+pub const CLUSTER_SECRET: &str = "it-cluster-secret-0123456789";
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
