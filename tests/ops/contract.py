@@ -18,6 +18,10 @@ WEBHOOK_OUTCOMES = ["delivered", "retried", "failed", "dropped"]
 
 BROADCAST_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 ADAPTER_RESOLVE_BUCKETS = [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+HTTP_DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+EXPORT_SIGNALS = ["traces", "metrics", "logs"]
+# (direction, reason) pairs of horizontal_adapter_dropped_total
+DROP_KINDS = [("in", "queue_full"), ("out", "queue_full"), ("in", "decode"), ("in", "unauthenticated")]
 
 # name -> (type, labels the server sets; Prometheus adds job/instance on scrape)
 METRICS = {

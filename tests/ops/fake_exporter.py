@@ -62,6 +62,21 @@ def render():
         if name in ("sockudo_horizontal_adapter_connected", "sockudo_horizontal_adapter_nodes"):
             L.append(f'{name}{labels(port=PORT_LABEL, adapter="redis")} {1 if name.endswith("connected") else 3}')
             continue
+        if name == "sockudo_horizontal_adapter_dropped_total":
+            for direction, reason in contract.DROP_KINDS:
+                L.append(f'{name}{labels(port=PORT_LABEL, adapter="redis", direction=direction, reason=reason)} {c(0.1)}')
+            continue
+        if name == "sockudo_telemetry_export_failures_total":
+            for signal in contract.EXPORT_SIGNALS:
+                L.append(f'{name}{labels(port=PORT_LABEL, signal=signal)} {c(0.1)}')
+            continue
+        if name.startswith("sockudo_runtime_"):
+            # Two workers busy 1.9 s per second: saturated, so the saturation alert has data.
+            val = {"sockudo_runtime_workers": 2, "sockudo_runtime_alive_tasks": 512,
+                   "sockudo_runtime_global_queue_depth": 3,
+                   "sockudo_runtime_worker_busy_seconds_total": c(1.9)}[name]
+            L.append(f"{name}{labels(port=PORT_LABEL)} {val}")
+            continue
         for app in APPS:
             base = {"app_id": app, "port": PORT_LABEL}
             if name == "sockudo_broadcast_latency_ms":
@@ -70,6 +85,12 @@ def render():
                         lo, hi = RCB_LATENCY[rcb]
                         L += hist_lines(name, dict(base, channel_type=ct, recipient_count_bucket=rcb),
                                         contract.BROADCAST_BUCKETS, lo, hi, int(c(2)))
+            elif name == "sockudo_http_server_request_duration_seconds":
+                # A fast route and a slow one (p99 above the alert's 1 s).
+                for route, (lo, hi) in (("/apps/{app_id}/events", (0.001, 0.0025)),
+                                        ("/apps/{app_id}/batch_events", (1, 2.5))):
+                    L += hist_lines(name, dict(base, method="POST", route=route, status_class="2xx"),
+                                    contract.HTTP_DURATION_BUCKETS, lo, hi, int(c(5)))
             elif name == "sockudo_horizontal_adapter_resolve_time":
                 L += hist_lines(name, base, contract.ADAPTER_RESOLVE_BUCKETS, 2.5, 5, int(c(3)))
             elif "channel_type" in lbls:
