@@ -84,21 +84,19 @@ class Layout:
         self.panels.append(panel)
 
 
-def target(expr, legend, ref, exemplar=False, fmt=None, instant=False):
+def target(expr, legend, ref, fmt=None, instant=False):
     t = {"refId": ref, "datasource": PROM, "expr": expr, "legendFormat": legend,
          "range": not instant, "instant": instant, "editorMode": "code"}
-    if exemplar:
-        t["exemplar"] = True
     if fmt:
         t["format"] = fmt
     return t
 
 
-def _targets(qs, exemplar=False):
-    return [target(e, l, chr(ord("A") + i), exemplar) for i, (e, l) in enumerate(qs)]
+def _targets(qs):
+    return [target(e, l, chr(ord("A") + i)) for i, (e, l) in enumerate(qs)]
 
 
-def timeseries(title, qs, unit="short", desc="", exemplar=False, links=None, stack=False):
+def timeseries(title, qs, unit="short", desc="", links=None, stack=False):
     p = {
         "type": "timeseries", "title": title, "description": desc, "datasource": PROM,
         "fieldConfig": {
@@ -116,7 +114,7 @@ def timeseries(title, qs, unit="short", desc="", exemplar=False, links=None, sta
                        "calcs": ["lastNotNull", "max"]},
             "tooltip": {"mode": "multi", "sort": "desc"},
         },
-        "targets": _targets(qs, exemplar),
+        "targets": _targets(qs),
     }
     if links:
         p["links"] = [{"title": l["title"], "url": l["url"], "targetBlank": False} for l in links]
@@ -155,9 +153,8 @@ def heatmap(title, expr, desc=""):
             "rowsFrame": {"layout": "auto"},
             "tooltip": {"mode": "single", "yHistogram": False},
             "legend": {"show": True},
-            "exemplars": {"color": "rgba(255,0,255,0.7)"},
         },
-        "targets": [target(expr, "{{le}}", "A", exemplar=True, fmt="heatmap")],
+        "targets": [target(expr, "{{le}}", "A", fmt="heatmap")],
     }
 
 
@@ -271,7 +268,7 @@ def build():
     L.add(timeseries("Horizontal adapter resolve time", [
         (f"histogram_quantile(0.95, sum by (le, instance) (rate(sockudo_horizontal_adapter_resolve_time_bucket{{{S}}}[{RI}])))",
          "{{instance}} p95"),
-    ], unit="ms", exemplar=True), 12, 8)
+    ], unit="ms"), 12, 8)
     L.add(timeseries("Horizontal adapter operations", [
         (f"sum by (instance) (rate(sockudo_horizontal_adapter_sent_requests{{{S}}}[{RI}]))", "{{instance}} sent requests"),
         (f"sum by (instance) (rate(sockudo_horizontal_adapter_received_requests{{{S}}}[{RI}]))", "{{instance}} received requests"),
@@ -296,10 +293,9 @@ def build():
         (f"histogram_quantile(0.50, {q})", "{{recipient_count_bucket}} (p50)"),
         (f"histogram_quantile(0.95, {q})", "{{recipient_count_bucket}} (p95)"),
         (f"histogram_quantile(0.99, {q})", "{{recipient_count_bucket}} (p99)"),
-    ], unit="ms", exemplar=True, links=trace_links,
+    ], unit="ms", links=trace_links,
         desc="From REST publish accepted to the frame written to the last local recipient. "
-             "Links open the `broadcast` spans in Jaeger for the same time range; exemplars "
-             "(when metrics also arrive via OTLP) link single points to their trace."), 12, 9)
+             "Links open the `broadcast` spans in Jaeger for the same time range."), 12, 9)
     L.add(timeseries("Average broadcast latency by channel type", [
         (f"sum by (channel_type) (rate(sockudo_broadcast_latency_ms_sum{{{S}}}[{RI}])) "
          f"/ sum by (channel_type) (rate(sockudo_broadcast_latency_ms_count{{{S}}}[{RI}]))", "{{channel_type}}"),
@@ -309,7 +305,7 @@ def build():
     L.add(timeseries("Broadcast p95 by size category", [
         (f'histogram_quantile(0.95, sum by (le) (rate(sockudo_broadcast_latency_ms_bucket{{recipient_count_bucket="{b}", {S}}}[{RI}])))',
          f"{b} (p95)") for b in ("xs", "md", "xl")
-    ], unit="ms", exemplar=True, links=trace_links), 12, 9)
+    ], unit="ms", links=trace_links), 12, 9)
 
     # ------------------------------------------------------------------ webhooks / build
     L.row("Webhooks and build")

@@ -146,3 +146,28 @@ async fn failed_otlp_exports_are_counted_by_signal() {
     assert_eq!(failures(&text, "logs"), 0.0);
     server.stop().await;
 }
+
+/// The README says there are no exemplars (opentelemetry_sdk 0.33 records none): pinned, so
+/// that the day the SDK records them this fails and the claim can be made, tested, again.
+#[tokio::test]
+async fn no_exemplars_are_served_even_to_an_openmetrics_scraper() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.subscribe("exemplars").await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = json!({"name": "e", "channel": "exemplars", "data": "{}"}).to_string();
+    assert_eq!(signed_publish(server.port, &body, Some(traceparent)).await.0, 200);
+    client.expect("e").await;
+    let url = format!("http://127.0.0.1:{}/metrics", server.metrics_port);
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("accept", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("sockudo_broadcast_latency_ms_bucket"), "the traced broadcast was recorded");
+    assert!(!text.contains(" # {"), "an exemplar appeared: make the README's claim true and test it");
+    assert!(!text.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    server.stop().await;
+}
