@@ -152,8 +152,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// Seals and opens envelopes with the cluster secret.
 ///
 /// A sealed envelope is `s1 <mac: 64 hex> <unix ms> <node id>\n<header JSON>\n<body>`, and the
-/// MAC is HMAC-SHA256 over `s1 ` and every byte after the MAC's trailing space: the timestamp,
-/// the sender's id and the envelope exactly as sent. The receiver verifies it over the bytes it
+/// MAC is HMAC-SHA256 over the cluster's scope (`sockudo-cluster/{prefix}\n`, so two clusters
+/// sharing a broker and a secret cannot replay into each other), then `s1 ` and every byte after
+/// the MAC's trailing space: the timestamp, the sender's id and the envelope exactly as sent. The receiver verifies it over the bytes it
 /// received (in constant time), before it parses anything, then checks the timestamp against
 /// [`REPLAY_WINDOW`] and that the header names the same sender as the signed line.
 #[derive(Clone)]
@@ -209,9 +210,15 @@ impl Rejected {
 }
 
 impl Signer {
-    /// A signer keyed with `secret` (HMAC takes a key of any length; `validate` has checked it).
-    pub fn new(secret: &[u8]) -> Result<Self, hmac::digest::InvalidLength> {
-        Ok(Self { keyed: HmacSha256::new_from_slice(secret)? })
+    /// A signer keyed with `secret` for the cluster on broker prefix `scope` (HMAC takes a key
+    /// of any length; `validate` has checked it). The scope is absorbed once, into the keyed
+    /// state every seal and open starts from, so it costs nothing per envelope.
+    pub fn new(secret: &[u8], scope: &str) -> Result<Self, hmac::digest::InvalidLength> {
+        let mut keyed = HmacSha256::new_from_slice(secret)?;
+        keyed.update(b"sockudo-cluster/");
+        keyed.update(scope.as_bytes());
+        keyed.update(b"\n");
+        Ok(Self { keyed })
     }
 
     /// `header` and `body` sealed by `node` at `now_ms` (Unix milliseconds): one buffer, one MAC.
@@ -616,7 +623,7 @@ mod tests {
 
     #[test]
     fn sealed_envelopes_open_only_with_the_secret_in_the_window() {
-        let signer = Signer::new(b"0123456789abcdef-cluster").unwrap();
+        let signer = Signer::new(b"0123456789abcdef-cluster", "sockudo").unwrap();
         let now = 1_700_000_000_000;
         let h = Header::Broadcast {
             n: "a".into(),
@@ -639,8 +646,11 @@ mod tests {
         assert_eq!(signer.open(&sealed, now + 31_000), Err(Rejected::Stale));
         assert_eq!(signer.open(&sealed, now - 31_000), Err(Rejected::Stale));
         // Another secret, one flipped body byte, a truncated MAC, no seal at all.
-        let other = Signer::new(b"another-secret-of-16+").unwrap();
+        let other = Signer::new(b"another-secret-of-16+", "sockudo").unwrap();
         assert_eq!(other.open(&sealed, now), Err(Rejected::BadSignature));
+        // The same secret for another cluster (broker prefix) on the same broker.
+        let neighbour = Signer::new(b"0123456789abcdef-cluster", "other-cluster").unwrap();
+        assert_eq!(neighbour.open(&sealed, now), Err(Rejected::BadSignature));
         let mut altered = sealed.to_vec();
         *altered.last_mut().unwrap() ^= 1;
         assert_eq!(signer.open(&Bytes::from(altered), now), Err(Rejected::BadSignature));
@@ -652,8 +662,14 @@ mod tests {
     fn a_signed_cluster_rejects_and_counts_what_it_cannot_trust() {
         let secret = b"0123456789abcdef-cluster";
         let (tx, _rx) = mpsc::channel(16);
-        let c = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), Signer::new(secret).ok());
-        let signer = Signer::new(secret).unwrap();
+        let c = Cluster::new(
+            "me",
+            tx,
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            Signer::new(secret, "sockudo").ok(),
+        );
+        let signer = Signer::new(secret, "sockudo").unwrap();
         let now = unix_millis();
         let good = signer.seal("b", now, &heartbeat("b"), b"");
         assert_eq!(c.open(&good).map(|(h, _)| h.sender().to_owned()), Some("b".into()));

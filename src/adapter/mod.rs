@@ -95,7 +95,7 @@ impl Adapter {
         };
         let signer = match (&link, &c.cluster_secret) {
             (Some(_), Some(secret)) => Some(
-                cluster::Signer::new(secret.as_bytes())
+                cluster::Signer::new(secret.as_bytes(), c.prefix())
                     .map_err(|e| ConfigError::new("adapter.cluster_secret", e.to_string()))?,
             ),
             (Some(_), None) => {

@@ -640,6 +640,16 @@ impl Default for HttpApiConfig {
     }
 }
 
+impl AdapterConfig {
+    /// The broker prefix of the active driver: the cluster's name on a shared broker.
+    pub fn prefix(&self) -> &str {
+        match self.driver {
+            AdapterDriver::Nats => &self.nats.prefix,
+            AdapterDriver::Redis | AdapterDriver::Local => &self.redis.prefix,
+        }
+    }
+}
+
 impl Default for AdapterConfig {
     fn default() -> Self {
         Self {

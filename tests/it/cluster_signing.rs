@@ -109,11 +109,13 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-/// `s1 <hex HMAC-SHA256> <unix ms> <node>\n<envelope>`, the MAC over `s1 ` and everything after
-/// the MAC's trailing space (the format `docs/ARCHITECTURE.md` describes).
-fn seal(secret: &str, node: &str, ts_ms: u64, envelope: &[u8]) -> Vec<u8> {
+/// `s1 <hex HMAC-SHA256> <unix ms> <node>\n<envelope>`, the MAC over the cluster's scope
+/// (`sockudo-cluster/{prefix}\n`), `s1 ` and everything after the MAC's trailing space (the
+/// format `docs/ARCHITECTURE.md` describes).
+fn seal_for(prefix: &str, secret: &str, node: &str, ts_ms: u64, envelope: &[u8]) -> Vec<u8> {
     let signed = [format!("{ts_ms} {node}\n").as_bytes(), envelope].concat();
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("sockudo-cluster/{prefix}\n").as_bytes());
     mac.update(b"s1 ");
     mac.update(&signed);
     let tag = hex::encode(mac.finalize().into_bytes());
@@ -240,9 +242,12 @@ async fn forged_envelopes_are_ignored_and_counted(bus: Bus) {
         // Sealed with another secret.
         // Sealed with another secret (not in node 1's name: a node skips, uncounted, what
         // claims to come from itself, so each node would count one less).
-        seal("not-the-cluster-secret", "forger", now_ms(), &broadcast("forger", "news", "forged-key")),
+        seal_for(&s.prefix, "not-the-cluster-secret", "forger", now_ms(), &broadcast("forger", "news", "forged-key")),
         // Sealed correctly by a holder of the secret, but speaking for another node.
-        seal(CLUSTER_SECRET, "insider", now_ms(), &envelope(json!({"t": "leave", "n": id1}), "")),
+        seal_for(&s.prefix, CLUSTER_SECRET, "insider", now_ms(), &envelope(json!({"t": "leave", "n": id1}), "")),
+        // Sealed correctly for another cluster sharing the broker and the secret: not a replay
+        // that this cluster accepts.
+        seal_for("another-cluster", CLUSTER_SECRET, "forger", now_ms(), &broadcast("forger", "news", "neighbour")),
     ];
     for f in &forgeries {
         s.bus.inject(&s.prefix, f).await;
@@ -256,16 +261,19 @@ async fn forged_envelopes_are_ignored_and_counted(bus: Bus) {
     assert_eq!(dropped(&s.nodes[0], "decode").await, 0.0);
 
     // Positive control: the same kind of envelope, sealed correctly, is delivered.
-    let genuine = seal(CLUSTER_SECRET, &id1, now_ms(), &broadcast(&id1, "news", "sealed-by-test"));
+    let genuine = seal_for(&s.prefix, CLUSTER_SECRET, &id1, now_ms(), &broadcast(&id1, "news", "sealed-by-test"));
     s.bus.inject(&s.prefix, &genuine).await;
     assert_eq!(s.a.next().await["event"], "sealed-by-test");
-    let direct = seal(CLUSTER_SECRET, &id1, now_ms(), &broadcast(&id1, "#server-to-user-u7", "direct-by-test"));
+    let direct =
+        seal_for(&s.prefix, CLUSTER_SECRET, &id1, now_ms(), &broadcast(&id1, "#server-to-user-u7", "direct-by-test"));
     s.bus.inject(&s.prefix, &direct).await;
     assert_eq!(s.a.next().await["event"], "direct-by-test");
     // The same envelope 31 s old, or 31 s ahead, is outside the replay window.
     for skew in [-31_000i64, 31_000] {
         let ts = now_ms().checked_add_signed(skew).unwrap();
-        s.bus.inject(&s.prefix, &seal(CLUSTER_SECRET, &id1, ts, &broadcast(&id1, "news", "stale"))).await;
+        s.bus
+            .inject(&s.prefix, &seal_for(&s.prefix, CLUSTER_SECRET, &id1, ts, &broadcast(&id1, "news", "stale")))
+            .await;
     }
     wait_unauthenticated(&s.nodes[0], forgeries.len() as f64 + 2.0).await;
     s.control("control-2").await;
@@ -311,7 +319,8 @@ async fn an_unsigned_cluster_still_works(bus: Bus) {
     assert_eq!(a.next().await["event"], "across");
     bus.inject(&prefix, b"not an envelope").await;
     // A sealed envelope cannot be verified here: refused, not trusted.
-    bus.inject(&prefix, &seal(CLUSTER_SECRET, "sealed", now_ms(), &broadcast("sealed", "news", "sealed"))).await;
+    bus.inject(&prefix, &seal_for(&prefix, CLUSTER_SECRET, "sealed", now_ms(), &broadcast("sealed", "news", "sealed")))
+        .await;
     let counted = eventually(WAIT, || async {
         dropped(&nodes[0], "decode").await == 1.0 && dropped(&nodes[0], "unauthenticated").await == 1.0
     })
