@@ -139,8 +139,11 @@ pub(crate) fn validate(c: &Config) -> Result<(), ConfigError> {
         ));
     }
     let o = &c.otel;
-    if !matches!(o.protocol.as_str(), "grpc" | "http/protobuf") {
-        return Err(ConfigError::new("otel.protocol", format!("{:?} is not grpc or http/protobuf", o.protocol)));
+    if !matches!(o.protocol.as_str(), "grpc" | "http/protobuf" | "http/json") {
+        return Err(ConfigError::new(
+            "otel.protocol",
+            format!("{:?} is not grpc, http/protobuf or http/json", o.protocol),
+        ));
     }
     for (key, value) in [
         ("otel.traces_exporter", &o.traces_exporter),

@@ -63,7 +63,7 @@ pub struct OtelConfig {
     pub traces_endpoint: String,
     pub metrics_endpoint: String,
     pub logs_endpoint: String,
-    /// `grpc` or `http/protobuf` (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    /// `grpc`, `http/protobuf` or `http/json` (`OTEL_EXPORTER_OTLP_PROTOCOL`).
     pub protocol: String,
     /// `key=value,key2=value2` (`OTEL_EXPORTER_OTLP_HEADERS`); masked by `--check-config`.
     pub headers: String,
@@ -145,6 +145,11 @@ impl OtelConfig {
 
     pub fn is_grpc(&self) -> bool {
         self.protocol == "grpc"
+    }
+
+    /// OTLP/HTTP with JSON bodies instead of protobuf.
+    pub fn is_json(&self) -> bool {
+        self.protocol == "http/json"
     }
 
     /// `key=value` pairs of a comma-separated list, percent-decoded as the spec says.

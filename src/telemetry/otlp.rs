@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
@@ -156,7 +156,14 @@ macro_rules! build_exporter {
         if $c.is_grpc() {
             $builder.with_tonic().with_endpoint($endpoint).with_timeout(timeout).with_metadata(metadata($c)).build()
         } else {
-            $builder.with_http().with_endpoint($endpoint).with_timeout(timeout).with_headers(headers($c)).build()
+            let protocol = if $c.is_json() { Protocol::HttpJson } else { Protocol::HttpBinary };
+            $builder
+                .with_http()
+                .with_protocol(protocol)
+                .with_endpoint($endpoint)
+                .with_timeout(timeout)
+                .with_headers(headers($c))
+                .build()
         }
     }};
 }

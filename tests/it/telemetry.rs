@@ -46,6 +46,13 @@ async fn traced_publish_is_exported(protocol: &str) {
     })
     .await;
     assert!(found, "spans received: {:?}", rx.spans().iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+    // The encoding asked for is the one that arrived.
+    let types = rx.got.lock().unwrap().content_types.clone();
+    match protocol {
+        "http/json" => assert!(types.iter().all(|t| t.starts_with("application/json")), "{types:?}"),
+        "http/protobuf" => assert!(types.iter().all(|t| t.starts_with("application/x-protobuf")), "{types:?}"),
+        _ => assert!(types.is_empty(), "gRPC only: {types:?}"),
+    }
     let spans = rx.spans();
     let http = spans.iter().find(|s| s.name == "POST /apps/{app_id}/events").expect("the HTTP server span");
     assert_eq!(hex(&http.trace_id), TRACE_ID);
@@ -121,6 +128,11 @@ async fn otlp_grpc_traces_metrics_logs() {
 #[tokio::test]
 async fn otlp_http_protobuf_traces_metrics_logs() {
     traced_publish_is_exported("http/protobuf").await;
+}
+
+#[tokio::test]
+async fn otlp_http_json_traces_metrics_logs() {
+    traced_publish_is_exported("http/json").await;
 }
 
 #[tokio::test]

@@ -23,6 +23,30 @@ pub struct Received {
     pub traces: Vec<ExportTraceServiceRequest>,
     pub metrics: Vec<ExportMetricsServiceRequest>,
     pub logs: Vec<ExportLogsServiceRequest>,
+    /// `Content-Type` of every OTLP/HTTP request, to tell protobuf from JSON.
+    pub content_types: Vec<String>,
+}
+
+/// An OTLP/HTTP body as protobuf or, with `Content-Type: application/json`, as OTLP JSON;
+/// the answer in the same encoding.
+fn decode<T>(got: &Mutex<Received>, headers: &axum::http::HeaderMap, body: &[u8]) -> (T, bool)
+where
+    T: Message + Default + serde::de::DeserializeOwned,
+{
+    let kind = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let json = kind.starts_with("application/json");
+    got.lock().unwrap().content_types.push(kind);
+    let request = if json { serde_json::from_slice(body).unwrap() } else { T::decode(body).unwrap() };
+    (request, json)
+}
+
+fn answer<R: Message + Default + serde::Serialize>(json: bool) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if json {
+        ([("content-type", "application/json")], serde_json::to_vec(&R::default()).unwrap()).into_response()
+    } else {
+        ([("content-type", "application/x-protobuf")], R::default().encode_to_vec()).into_response()
+    }
 }
 
 #[derive(Clone, Default)]
@@ -77,30 +101,34 @@ impl Receiver {
         (rx, format!("http://{addr}"))
     }
 
-    /// Serves OTLP HTTP/protobuf (`/v1/traces`, `/v1/metrics`, `/v1/logs`) on a free port.
+    /// Serves OTLP/HTTP, protobuf or JSON (`/v1/traces`, `/v1/metrics`, `/v1/logs`), on a free
+    /// port.
     pub async fn http() -> (Self, String) {
         let rx = Self::default();
         let (t, m, l) = (rx.clone(), rx.clone(), rx.clone());
         let app = axum::Router::new()
             .route(
                 "/v1/traces",
-                post(move |body: Bytes| async move {
-                    t.got.lock().unwrap().traces.push(ExportTraceServiceRequest::decode(body).unwrap());
-                    ExportTraceServiceResponse::default().encode_to_vec()
+                post(move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                    let (req, json) = decode::<ExportTraceServiceRequest>(&t.got, &headers, &body);
+                    t.got.lock().unwrap().traces.push(req);
+                    answer::<ExportTraceServiceResponse>(json)
                 }),
             )
             .route(
                 "/v1/metrics",
-                post(move |body: Bytes| async move {
-                    m.got.lock().unwrap().metrics.push(ExportMetricsServiceRequest::decode(body).unwrap());
-                    ExportMetricsServiceResponse::default().encode_to_vec()
+                post(move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                    let (req, json) = decode::<ExportMetricsServiceRequest>(&m.got, &headers, &body);
+                    m.got.lock().unwrap().metrics.push(req);
+                    answer::<ExportMetricsServiceResponse>(json)
                 }),
             )
             .route(
                 "/v1/logs",
-                post(move |body: Bytes| async move {
-                    l.got.lock().unwrap().logs.push(ExportLogsServiceRequest::decode(body).unwrap());
-                    ExportLogsServiceResponse::default().encode_to_vec()
+                post(move |headers: axum::http::HeaderMap, body: Bytes| async move {
+                    let (req, json) = decode::<ExportLogsServiceRequest>(&l.got, &headers, &body);
+                    l.got.lock().unwrap().logs.push(req);
+                    answer::<ExportLogsServiceResponse>(json)
                 }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
