@@ -54,6 +54,13 @@ pub async fn upgrade(
         }
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // The connection's span continues the caller's trace: a `traceparent` header, or (browsers
+    // cannot set headers on a WebSocket) a `traceparent` query parameter.
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
+        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.into_owned())
+    });
     let c = &state.config.websocket;
     let hard = c.hard_max_message_size_kb * 1024;
     ws.read_buffer_size(c.read_buffer_size)
@@ -62,7 +69,7 @@ pub async fn upgrade(
         .max_write_buffer_size(c.write_buffer_size + c.max_queue_kb * 1024 + hard)
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| accept(socket, state, key, query, origin))
+        .on_upgrade(move |socket| accept(socket, state, key, query, origin, traceparent))
 }
 
 /// A WebSocket to a path that is not `/app/{key}`: upgraded and refused with 4005, as Pusher
@@ -88,7 +95,14 @@ fn protocol_version(query: Option<&str>) -> Result<u8, ProtocolError> {
     }
 }
 
-async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<String>, origin: Option<String>) {
+async fn accept(
+    ws: WebSocket,
+    state: Arc<State>,
+    key: String,
+    query: Option<String>,
+    origin: Option<String>,
+    traceparent: Option<String>,
+) {
     let _task = state.sockets.token();
     let app = match state.apps.lookup_by_key(&key).await {
         Ok(Some(app)) => app,
@@ -113,7 +127,7 @@ async fn accept(ws: WebSocket, state: Arc<State>, key: String, query: Option<Str
     let Some(_app_slot) = AppSlot::acquire(&app) else {
         return refuse(ws, &state, Some(&app), ProtocolError::OverQuota).await;
     };
-    session::run(ws, &state, &app).await;
+    session::run(ws, &state, &app, traceparent.as_deref()).await;
 }
 
 /// A node connection slot under `max_connections`, released on drop, so that no way out of a

@@ -62,12 +62,24 @@ struct Session<'a> {
     /// Subscribe/unsubscribe requests (`websocket.max_subscription_ops_per_second`).
     sub_ops: Option<TokenBucket>,
     signin_deadline: Option<Instant>,
+    /// `websocket.connection`, from upgrade to close; the socket's `subscribe`, `client_event`
+    /// and `signin` spans link to it.
+    conn_span: tracing::Span,
+    conn_link: Option<crate::telemetry::trace::Link>,
 }
 
-pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
+pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>, traceparent: Option<&str>) {
     let cfg = &state.config;
     let queue = app.attrs.send_queue();
     let handle = Arc::new(SocketHandle::counted(state.next_socket_id(), cfg.websocket.max_queue_kb * 1024, queue));
+    let conn_span = tracing::info_span!(
+        "websocket.connection",
+        otel.kind = "server",
+        sockudo.app_id = %app.id,
+        sockudo.socket_id = %handle.id,
+        websocket.close.code = tracing::field::Empty,
+    );
+    crate::telemetry::trace::continue_from(&conn_span, traceparent);
     let rate = app.settings.max_client_events_per_second;
     let mut session = Session {
         state,
@@ -87,6 +99,8 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
         }),
         signin_deadline: (app.settings.enable_user_authentication && app.settings.user_authentication_timeout > 0)
             .then(|| after(Instant::now(), Duration::from_secs(app.settings.user_authentication_timeout))),
+        conn_link: crate::telemetry::trace::Link::to(&conn_span),
+        conn_span,
     };
     // Released by drop, however the task ends (a panic included): the `connected` gauge here,
     // the channels, presence membership and user registry by `Session`'s own `Drop`.
@@ -94,6 +108,13 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>) {
     tracing::debug!(app_id = %app.id, socket_id = %handle.id, "connection opened");
     handle.reply(server::connection_established(&handle.id, cfg.activity_timeout));
     let end = session.event_loop(&mut ws).await;
+    let code = match end {
+        // 1005: no status received (the client closed or the TCP connection went away).
+        End::Gone => 1005,
+        End::Closed(code) => code,
+        End::Stalled => ProtocolError::SlowConsumer.code(),
+    };
+    session.conn_span.record("websocket.close.code", code);
     session.cleanup();
     if let End::Stalled = end {
         // The writer gave up mid-write, so the close frame was never queued. It goes out behind
@@ -512,18 +533,25 @@ impl Session<'_> {
     }
 
     fn span(&self, name: &'static str, channel: &ChannelName) -> tracing::Span {
-        match name {
+        let span = match name {
             "subscribe" => {
                 tracing::info_span!("subscribe", sockudo.app_id = %self.app.id, sockudo.channel = channel.as_str(), sockudo.channel_type = channel.channel_type().as_str())
             }
             _ => {
                 tracing::info_span!("client_event", sockudo.app_id = %self.app.id, sockudo.channel = channel.as_str(), sockudo.channel_type = channel.channel_type().as_str())
             }
+        };
+        if let Some(link) = &self.conn_link {
+            link.add_to(&span);
         }
+        span
     }
 
     fn signin(&mut self, data: SigninData) {
         let span = tracing::info_span!("signin", sockudo.app_id = %self.app.id);
+        if let Some(link) = &self.conn_link {
+            link.add_to(&span);
+        }
         let _entered = span.enter();
         if !self.app.settings.enable_user_authentication {
             return self

@@ -112,6 +112,25 @@ pub fn current_traceparent() -> Option<String> {
     capture.0
 }
 
+/// A span to link other spans to (a socket's work to its `websocket.connection` span): each
+/// stays in its own trace, where children would make a long-lived connection one endless trace.
+/// Taken once per connection, so a link costs no context lookup.
+#[derive(Clone, Debug)]
+pub struct Link(opentelemetry::trace::SpanContext);
+
+impl Link {
+    /// `None` when `span` has no valid context (tracing without OpenTelemetry).
+    pub fn to(span: &tracing::Span) -> Option<Self> {
+        let cx = span.context();
+        let target = cx.span().span_context().clone();
+        target.is_valid().then(|| Self(target))
+    }
+
+    pub fn add_to(&self, span: &tracing::Span) {
+        span.add_link(self.0.clone());
+    }
+}
+
 /// Makes `span` a child of a received `traceparent` (ignored when absent or malformed).
 pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
     let cx = TraceContextPropagator::new().extract(&One(traceparent));

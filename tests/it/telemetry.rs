@@ -170,3 +170,41 @@ async fn a_dead_collector_changes_nothing_for_clients() {
     let warnings = lines.iter().filter(|l| l.contains("OTLP export failed")).count();
     assert!(warnings <= 3, "export failures are rate-limited: {warnings} lines");
 }
+
+/// A socket is one `websocket.connection` span, continuing the `traceparent` of its upgrade (a
+/// query parameter, as browsers cannot set headers), ended at close with the close code; its
+/// `subscribe` spans are their own traces, linked to it.
+#[tokio::test]
+async fn a_socket_is_one_connection_span_its_work_links_to() {
+    let (rx, endpoint) = Receiver::http().await;
+    let server = Process::start(&otel_env(&endpoint, "http/protobuf")).await;
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN}-01");
+    let url = format!("ws://127.0.0.1:{}/app/{KEY}?protocol=7&traceparent={traceparent}", server.port);
+    let mut client = Client::connect(&url).await;
+    client.subscribe("linked-1").await;
+    client.subscribe("linked-2").await;
+    client.close().await;
+    let found = eventually(Duration::from_secs(15), || async {
+        let spans = rx.spans();
+        spans.iter().any(|s| s.name == "websocket.connection")
+            && spans.iter().filter(|s| s.name == "subscribe").count() >= 2
+    })
+    .await;
+    let spans = rx.spans();
+    assert!(found, "spans: {:?}", spans.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+    let conn = spans.iter().find(|s| s.name == "websocket.connection").unwrap();
+    assert_eq!(hex(&conn.trace_id), TRACE_ID, "continues the upgrade's traceparent");
+    assert_eq!(hex(&conn.parent_span_id), PARENT_SPAN);
+    assert_eq!(conn.kind, 2, "SPAN_KIND_SERVER");
+    assert_eq!(attr(conn, "sockudo.app_id").as_deref(), Some(APP_ID));
+    assert_eq!(attr(conn, "websocket.close.code").as_deref(), Some("1005"), "the client closed");
+    for sub in spans.iter().filter(|s| s.name == "subscribe") {
+        assert_ne!(sub.trace_id, conn.trace_id, "a subscribe is its own trace");
+        assert!(
+            sub.links.iter().any(|l| l.span_id == conn.span_id && l.trace_id == conn.trace_id),
+            "subscribe links to its connection: {:?}",
+            sub.links
+        );
+    }
+    server.stop().await;
+}
