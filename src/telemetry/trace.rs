@@ -123,7 +123,7 @@ impl Link {
     pub fn to(span: &tracing::Span) -> Option<Self> {
         let cx = span.context();
         let target = cx.span().span_context().clone();
-        target.is_valid().then(|| Self(target))
+        target.is_valid().then_some(Self(target))
     }
 
     pub fn add_to(&self, span: &tracing::Span) {
