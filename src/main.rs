@@ -149,6 +149,12 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // SIGHUP reloads TLS certificates (tls::reload_on_change). Registered before anything
+        // binds: tokio keeps the handler for the life of the process, so a SIGHUP that comes
+        // before the server listens for it is held, never the default action that would end
+        // the process.
+        #[cfg(unix)]
+        let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let listeners = match listeners(&config).await {
             Ok(l) => l,
             Err(e) => {

@@ -164,12 +164,21 @@ impl Tls {
 }
 
 /// Reloads every listener's certificate on SIGHUP, and each one when its files change (checked
-/// every `watch_interval_ms`), until shutdown.
-pub async fn reload_on_change(listeners: Vec<Arc<Tls>>, shutdown: Shutdown) {
+/// every `watch_interval_ms`), until shutdown. The SIGHUP handler is installed by this call,
+/// before the returned future is spawned or the listeners serve: SIGHUP's default action ends
+/// the process, so an operator's reload right after startup must find the handler in place.
+pub fn reload_on_change(
+    listeners: Vec<Arc<Tls>>,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let hangup = if listeners.is_empty() { None } else { hangup_signal() };
+    watch(listeners, hangup, shutdown)
+}
+
+async fn watch(listeners: Vec<Arc<Tls>>, mut hangup: Hangup, shutdown: Shutdown) {
     if listeners.is_empty() {
         return;
     }
-    let mut hangup = hangup_signal();
     let every = listeners.iter().map(|t| t.watch_interval).filter(|d| !d.is_zero()).min();
     let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

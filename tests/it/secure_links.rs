@@ -389,12 +389,25 @@ async fn redis_sentinel_failover_is_followed() {
 }
 
 /// Three masters (no replicas) in a Redis Cluster, each with its own folder and bus port;
-/// returns their ports once every node reports `cluster_state:ok`.
+/// returns their ports once every node reports `cluster_state:ok`. A free port can be taken by
+/// another test between `free_port` and the server's bind (six per attempt here), which shows as
+/// a failed `--cluster create`: then it starts over on new ports, three times at most.
 async fn redis_cluster(servers: &mut Servers) -> Vec<u16> {
+    let mut failures = Vec::new();
+    for attempt in 0..3 {
+        match try_redis_cluster(servers, attempt).await {
+            Ok(ports) => return ports,
+            Err(e) => failures.push(e),
+        }
+    }
+    panic!("no Redis Cluster in three attempts: {failures:#?}");
+}
+
+async fn try_redis_cluster(servers: &mut Servers, attempt: usize) -> Result<Vec<u16>, String> {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     for (i, port) in ports.iter().enumerate() {
         let (p, bus) = (port.to_string(), free_port().to_string());
-        let conf = format!("nodes-{i}.conf");
+        let conf = format!("nodes-{attempt}-{i}.conf");
         let args = [
             "--port",
             &p,
@@ -415,17 +428,22 @@ async fn redis_cluster(servers: &mut Servers) -> Vec<u16> {
     }
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut create = tokio::process::Command::new("redis-cli");
-    create.arg("--cluster").arg("create").args(&addrs).arg("--cluster-yes").stdout(Stdio::null());
-    let status = tokio::time::timeout(Duration::from_secs(30), create.status()).await.unwrap().unwrap();
-    assert!(status.success(), "redis-cli --cluster create failed");
+    create.arg("--cluster").arg("create").args(&addrs).arg("--cluster-yes");
+    let out = tokio::time::timeout(Duration::from_secs(30), create.output()).await.unwrap().unwrap();
+    if !out.status.success() {
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        return Err(format!("redis-cli --cluster create on {addrs:?} failed: {said}"));
+    }
     for port in &ports {
         let ok = eventually(Duration::from_secs(20), || async {
             redis_cli(*port, &["CLUSTER", "INFO"]).await.contains("cluster_state:ok")
         })
         .await;
-        assert!(ok, "node {port} never reached cluster_state:ok");
+        if !ok {
+            return Err(format!("node {port} never reached cluster_state:ok"));
+        }
     }
-    ports
+    Ok(ports)
 }
 
 #[tokio::test]
