@@ -112,9 +112,9 @@ async fn serve_http(
         tokio::spawn(async move {
             let _token = token;
             match tls {
-                None => serve_connection(&builder, stream, router, peer, stop).await,
+                None => serve_connection(&builder, stream, router, peer, "http", stop).await,
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(&builder, stream, router, peer, stop).await,
+                    Ok(Ok(stream)) => serve_connection(&builder, stream, router, peer, "https", stop).await,
                     // Expected churn on a public port (scanners, plain-text clients, timeouts).
                     Ok(Err(err)) => tracing::debug!(error = %err, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -132,17 +132,20 @@ async fn serve_connection<I>(
     io: I,
     router: Router,
     peer: Option<std::net::SocketAddr>,
+    scheme: &'static str,
     stop: Shutdown,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Handlers see the peer address as axum's `ConnectInfo` (connection rate limits).
+    // Handlers see the peer address as axum's `ConnectInfo` (connection rate limits), and the
+    // HTTP span the scheme (`url.scheme`).
     let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
         router,
         move |mut req: axum::extract::Request<hyper::body::Incoming>| {
             if let Some(addr) = peer {
                 req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
             }
+            req.extensions_mut().insert(crate::telemetry::trace::Scheme(scheme));
             req
         },
     ));

@@ -266,6 +266,10 @@ impl Adapter {
                 sockudo.channel_type = channel.channel_type().as_str(),
                 sockudo.event = %event.name,
                 sockudo.recipients = tracing::field::Empty,
+                messaging.system = "pusher",
+                messaging.operation.type = "send",
+                messaging.destination.name = channel.as_str(),
+                messaging.batch.message_count = tracing::field::Empty,
             );
             let _entered = span.enter();
             let text = Utf8Bytes::from(server::event(channel.as_str(), &event.name, &event.data));
@@ -287,6 +291,7 @@ impl Adapter {
             }
             let recipients = self.broadcast(app, channel, text, event.socket_id.as_deref(), Some(started));
             span.record("sockudo.recipients", recipients);
+            span.record("messaging.batch.message_count", recipients);
             tracing::debug!(recipients, "broadcast queued for local sockets");
         }
     }
@@ -650,6 +655,10 @@ impl Adapter {
                     sockudo.channel_type = channel.channel_type().as_str(),
                     sockudo.event = %e,
                     sockudo.recipients = tracing::field::Empty,
+                    messaging.system = "pusher",
+                    messaging.operation.type = "process",
+                    messaging.destination.name = %c,
+                    messaging.batch.message_count = tracing::field::Empty,
                 );
                 crate::telemetry::trace::continue_from(&span, tp.as_deref());
                 let _entered = span.enter();
@@ -663,6 +672,7 @@ impl Adapter {
                 });
                 let recipients = self.broadcast(&app, &channel, text, x.as_deref(), started);
                 span.record("sockudo.recipients", recipients);
+                span.record("messaging.batch.message_count", recipients);
                 tracing::debug!(recipients, "remote broadcast queued for local sockets");
             }
             Header::Query { n, id, a, q } => {

@@ -324,6 +324,11 @@ impl Metrics {
         m
     }
 
+    /// The listener port every series is labelled with.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Attribute sets for an app, with every counter and gauge series created at zero so that
     /// `rate()` and absence alerts have something to read from the first scrape.
     pub fn app_attrs(&self, app_id: &str) -> AppAttrs {

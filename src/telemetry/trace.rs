@@ -52,6 +52,10 @@ impl Injector for Capture {
     }
 }
 
+/// `url.scheme` of a request: `https` on a TLS listener (set by the serve loop).
+#[derive(Debug, Clone, Copy)]
+pub struct Scheme(pub &'static str);
+
 /// The app a handler resolved the request to, put in the response's extensions so that the
 /// request's duration is labelled with it (`unknown` when there is none).
 #[derive(Debug, Clone)]
@@ -75,6 +79,13 @@ pub async fn http_span(
         None => "unmatched".to_owned(),
     };
     let method = req.method().as_str().to_owned();
+    let scheme = req.extensions().get::<Scheme>().map_or("http", |s| s.0);
+    let client = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let version = match req.version() {
+        axum::http::Version::HTTP_10 => "1.0",
+        axum::http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format_args!("{method} {route}"),
@@ -84,6 +95,11 @@ pub async fn http_span(
         http.route = %route,
         http.response.status_code = Empty,
         sockudo.app_id = Empty,
+        url.path = req.uri().path(),
+        url.scheme = scheme,
+        server.port = metrics.port(),
+        client.address = client.map(|ip| ip.to_string()).unwrap_or_default(),
+        network.protocol.version = version,
     );
     let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
     if parent.span().span_context().is_valid() {

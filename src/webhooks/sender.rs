@@ -97,6 +97,8 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         otel.status_code = Empty,
         sockudo.app_id = %job.held.app.id,
         url.full = %job.target.shown,
+        server.address = job.target.url.host_str().unwrap_or(""),
+        server.port = job.target.url.port_or_known_default().unwrap_or(0),
         http.request.method = "POST",
         http.response.status_code = Empty,
         sockudo.webhook.attempt = attempt,

@@ -499,6 +499,9 @@ async fn one_trace_across_nodes() {
     assert_eq!(hex(&origin.trace_id), trace_id);
     assert_eq!(remote.kind, 5, "SPAN_KIND_CONSUMER");
     assert_eq!(crate::support::otlp::attr(remote, "sockudo.recipients").as_deref(), Some("1"));
+    assert_eq!(crate::support::otlp::attr(remote, "messaging.operation.type").as_deref(), Some("process"));
+    assert_eq!(crate::support::otlp::attr(remote, "messaging.system").as_deref(), Some("pusher"));
+    assert_eq!(crate::support::otlp::attr(remote, "messaging.batch.message_count").as_deref(), Some("1"));
     let http = spans.iter().find(|s| s.span_id == origin.parent_span_id).expect("broadcast's parent is the HTTP span");
     assert_eq!(hex(&http.parent_span_id), "b7ad6b7169203331");
     let instances: std::collections::HashSet<String> = rx

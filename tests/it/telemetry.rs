@@ -62,6 +62,13 @@ async fn traced_publish_is_exported(protocol: &str) {
     assert_eq!(attr(http, "http.route").as_deref(), Some("/apps/{app_id}/events"));
     assert_eq!(attr(http, "http.response.status_code").as_deref(), Some("200"));
     assert_eq!(attr(http, "sockudo.app_id").as_deref(), Some(APP_ID));
+    // Semantic conventions (contract 2) beside the sockudo.* attributes.
+    assert_eq!(attr(http, "url.path").as_deref(), Some("/apps/app-id/events"));
+    assert_eq!(attr(http, "url.scheme").as_deref(), Some("http"));
+    assert_eq!(attr(http, "server.port"), Some(server.port.to_string()));
+    assert_eq!(attr(http, "client.address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(attr(http, "network.protocol.version").as_deref(), Some("1.1"));
+    assert!(!attr(http, "url.path").unwrap().contains("auth_signature"), "no query in url.path");
     let broadcast = spans.iter().find(|s| s.name == "broadcast").unwrap();
     assert_eq!(hex(&broadcast.trace_id), TRACE_ID);
     assert_eq!(broadcast.parent_span_id, http.span_id);
@@ -69,6 +76,10 @@ async fn traced_publish_is_exported(protocol: &str) {
     assert_eq!(attr(broadcast, "sockudo.channel_type").as_deref(), Some("public"));
     assert_eq!(attr(broadcast, "sockudo.event").as_deref(), Some("traced"));
     assert_eq!(attr(broadcast, "sockudo.recipients").as_deref(), Some("1"));
+    assert_eq!(attr(broadcast, "messaging.system").as_deref(), Some("pusher"));
+    assert_eq!(attr(broadcast, "messaging.operation.type").as_deref(), Some("send"));
+    assert_eq!(attr(broadcast, "messaging.destination.name").as_deref(), Some("traced-channel"));
+    assert_eq!(attr(broadcast, "messaging.batch.message_count").as_deref(), Some("1"));
     assert!(spans.iter().any(|s| s.name == "subscribe"), "subscribe span");
     for s in &spans {
         for kv in &s.attributes {

@@ -410,6 +410,9 @@ async fn requests_carry_the_events_trace() {
     assert_eq!(attr(send, "url.full"), Some(rx.url("/traced")));
     assert_eq!(attr(send, "http.response.status_code").as_deref(), Some("200"));
     assert_eq!(attr(send, "sockudo.webhook.attempt").as_deref(), Some("1"));
+    assert_eq!(attr(send, "http.request.method").as_deref(), Some("POST"));
+    assert_eq!(attr(send, "server.address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(attr(send, "server.port"), Some(rx.port.to_string()));
     for s in &spans {
         for kv in &s.attributes {
             let v = crate::support::otlp::kv_string(kv).1;
