@@ -270,6 +270,7 @@ impl Adapter {
                 messaging.operation.type = "send",
                 messaging.destination.name = channel.as_str(),
                 messaging.batch.message_count = tracing::field::Empty,
+                sockudo.last_write_ms = tracing::field::Empty,
             );
             let _entered = span.enter();
             let text = Utf8Bytes::from(server::event(channel.as_str(), &event.name, &event.data));
@@ -659,6 +660,7 @@ impl Adapter {
                     messaging.operation.type = "process",
                     messaging.destination.name = %c,
                     messaging.batch.message_count = tracing::field::Empty,
+                    sockudo.last_write_ms = tracing::field::Empty,
                 );
                 crate::telemetry::trace::continue_from(&span, tp.as_deref());
                 let _entered = span.enter();

@@ -44,15 +44,21 @@ impl Weighted for Frame {
 /// Each recipient's queued [`Frame`] holds a clone; the writer drops its clone once the write
 /// completes (and a dropped or refused frame drops it too), so the last drop is the moment the
 /// last local recipient was served, and that is when the latency is recorded.
+///
+/// It also holds the broadcast's span (`broadcast` or `broadcast.remote`), so the span ends at
+/// the last write, with `sockudo.last_write_ms`: a tail-sampling collector keeping slow traces
+/// sees the time to the last socket, not only the time to queue. One span clone per broadcast.
 pub struct Delivery {
     started: Instant,
     recipients: usize,
     channel_type: ChannelType,
     app: Arc<App>,
     metrics: Arc<Metrics>,
+    span: tracing::Span,
 }
 
 impl Delivery {
+    /// A delivery of the current span's broadcast.
     pub fn new(
         started: Instant,
         recipients: usize,
@@ -60,7 +66,7 @@ impl Delivery {
         app: Arc<App>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self { started, recipients, channel_type, app, metrics })
+        Arc::new(Self { started, recipients, channel_type, app, metrics, span: tracing::Span::current() })
     }
 }
 
@@ -68,6 +74,7 @@ impl Drop for Delivery {
     fn drop(&mut self) {
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.metrics.broadcast_latency(&self.app.attrs, self.channel_type, self.recipients, ms);
+        self.span.record("sockudo.last_write_ms", ms);
     }
 }
 

@@ -80,6 +80,9 @@ async fn traced_publish_is_exported(protocol: &str) {
     assert_eq!(attr(broadcast, "messaging.operation.type").as_deref(), Some("send"));
     assert_eq!(attr(broadcast, "messaging.destination.name").as_deref(), Some("traced-channel"));
     assert_eq!(attr(broadcast, "messaging.batch.message_count").as_deref(), Some("1"));
+    // The span ends at the last write and says how long that took (for tail sampling).
+    let last_write: f64 = attr(broadcast, "sockudo.last_write_ms").expect("last_write_ms").parse().unwrap();
+    assert!(last_write > 0.0 && last_write < 10_000.0, "{last_write}");
     assert!(spans.iter().any(|s| s.name == "subscribe"), "subscribe span");
     for s in &spans {
         for kv in &s.attributes {
