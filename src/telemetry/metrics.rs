@@ -197,19 +197,18 @@ pub struct Metrics {
     unknown: AppAttrs,
 }
 
-/// The send-queue totals of every app's attribute sets: `(app_id attributes, total)`.
-type SendQueues = Mutex<Vec<(Vec<KeyValue>, Weak<AtomicUsize>)>>;
+/// The send-queue total of every app's attribute sets: `(app id, its base attributes, total)`.
+type SendQueues = Mutex<Vec<(String, Vec<KeyValue>, Weak<AtomicUsize>)>>;
 
-/// Sums the live totals per attribute set (a replaced app and its successor share one series)
-/// and forgets the dead ones.
+/// Sums the live totals per app (a replaced app and its successor share one series) and
+/// forgets the dead ones.
 fn observe_send_queues(queues: &SendQueues) -> Vec<(Vec<KeyValue>, u64)> {
     let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-    q.retain(|(_, w)| w.strong_count() > 0);
-    let mut sums: HashMap<String, (Vec<KeyValue>, u64)> = HashMap::new();
-    for (attrs, total) in q.iter() {
+    q.retain(|(_, _, w)| w.strong_count() > 0);
+    let mut sums: HashMap<&str, (Vec<KeyValue>, u64)> = HashMap::new();
+    for (app_id, attrs, total) in q.iter() {
         let Some(total) = total.upgrade() else { continue };
-        let key = attrs.iter().map(|kv| kv.value.as_str().into_owned()).collect::<Vec<_>>().join("\u{0}");
-        sums.entry(key).or_insert_with(|| (attrs.clone(), 0)).1 += total.load(Ordering::Relaxed) as u64;
+        sums.entry(app_id).or_insert_with(|| (attrs.clone(), 0)).1 += total.load(Ordering::Relaxed) as u64;
     }
     sums.into_values().collect()
 }
@@ -334,10 +333,11 @@ impl Metrics {
     pub fn app_attrs(&self, app_id: &str) -> AppAttrs {
         let mut attrs = AppAttrs::build(self.port, app_id);
         attrs.hot = Some(self.bind_hot(&attrs.base));
-        self.send_queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((attrs.base.clone(), Arc::downgrade(&attrs.send_queue)));
+        self.send_queues.lock().unwrap_or_else(|p| p.into_inner()).push((
+            app_id.to_owned(),
+            attrs.base.clone(),
+            Arc::downgrade(&attrs.send_queue),
+        ));
         attrs.cache = Some(CacheMeter {
             bytes: self.cache_channel_bytes.bind(&attrs.base),
             evictions: self.cache_channel_evictions.bind(&attrs.base),
