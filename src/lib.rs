@@ -12,6 +12,7 @@ pub mod connection;
 // Glue for the cargo-fuzz targets in fuzz/ and their stable replay in tests/it; not an API.
 #[doc(hidden)]
 pub mod fuzz_targets;
+pub mod nats_client;
 pub mod outbox;
 pub mod protocol;
 pub mod rate_limit;

@@ -22,21 +22,34 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// sysexits.h EX_USAGE / EX_CONFIG family: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
-const USAGE: &str = "usage: sockudo [--config FILE] [--check-config]\n\n\
+const USAGE: &str = "usage: sockudo [--config FILE] [--check-config]\n\
+       sockudo webhooks replay [--config FILE] [--app ID]\n\n\
   --config FILE    JSON or TOML config layered over the embedded default\n\
   --check-config   print the effective configuration (secrets masked) and exit\n\
-  --version        print the version";
+  --version        print the version\n\
+  webhooks replay  move the broker queue's dead-letter webhooks (of app ID only, with --app)\n\
+                   back into the queue, and print {\"replayed\": N}";
 
 struct Args {
     config: Option<PathBuf>,
     check: bool,
+    /// `webhooks replay`, with the app it is limited to (if any).
+    replay: Option<Option<String>>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args { config: None, check: false };
-    let mut it = std::env::args().skip(1);
+    let mut args = Args { config: None, check: false, replay: None };
+    let mut it = std::env::args().skip(1).peekable();
+    if it.peek().map(String::as_str) == Some("webhooks") {
+        it.next();
+        match it.next().as_deref() {
+            Some("replay") => args.replay = Some(None),
+            _ => return Err(format!("webhooks needs a command: replay\n{USAGE}")),
+        }
+    }
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--app" if args.replay.is_some() => args.replay = Some(Some(it.next().ok_or("--app needs an app id")?)),
             "--config" | "-c" => args.config = Some(it.next().ok_or("--config needs a file")?.into()),
             s if s.starts_with("--config=") => args.config = Some(s["--config=".len()..].into()),
             "--check-config" => args.check = true,
@@ -108,6 +121,28 @@ async fn signal(trigger: shutdown::ShutdownTrigger) {
     trigger.trigger();
 }
 
+/// `sockudo webhooks replay`: exit 64 when the queue cannot be replayed (the memory queue, an
+/// unreachable broker, or one failing midway; what moved before then stays moved).
+fn replay(config: &Config, app: Option<&str>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sockudo::webhooks::replay(config, app)) {
+        Ok(n) => {
+            println!("{}", serde_json::json!({ "replayed": n }));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(a)) => a,
@@ -130,6 +165,9 @@ fn main() -> ExitCode {
     if let Err(e) = sockudo::webhooks::validate(&config).and_then(|()| sockudo::tls::check(&config)) {
         eprintln!("{e}");
         return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Some(app) = &args.replay {
+        return replay(&config, app.as_deref());
     }
     if args.check {
         match serde_json::to_string_pretty(&config::mask_secrets(&config)) {

@@ -199,7 +199,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> an
     let metrics = telemetry.metrics.clone();
     // An unreachable app database or a missing apps table is a ConfigError (exit 64), like a broker.
     let apps = Arc::new(AppManager::connect(&config, &metrics).await?);
-    let webhooks = Webhooks::start(&config, metrics.clone())?;
+    let webhooks = Webhooks::start(&config, metrics.clone(), apps.clone(), &node_id).await?;
     let (adapter, inbox) = Adapter::connect(&config, &node_id, metrics.clone(), apps.clone()).await?;
     let adapter = Arc::new(adapter.with_webhooks(Some(webhooks.clone())));
     let cluster = inbox.map(|inbox| tokio::spawn(adapter.clone().run(inbox, shutdown.clone())));

@@ -88,8 +88,9 @@ impl State {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Ready for traffic: not draining, and connected to the cluster's broker.
+    /// Ready for traffic: not draining, connected to the cluster's broker, and the webhook
+    /// queue's broker answers.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.adapter.is_connected()
+        !self.is_draining() && self.adapter.is_connected() && self.adapter.webhook_queue_available()
     }
 }

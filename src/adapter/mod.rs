@@ -161,6 +161,11 @@ impl Adapter {
         Ok((adapter, inbox))
     }
 
+    /// Whether the webhook queue can reach its broker (always, in memory or without webhooks).
+    pub fn webhook_queue_available(&self) -> bool {
+        self.webhooks.as_ref().is_none_or(|w| w.queue_available())
+    }
+
     /// Reports channel, presence, client and cache events to `webhooks` from now on.
     pub fn with_webhooks(mut self, webhooks: Option<Arc<Webhooks>>) -> Self {
         self.webhooks = webhooks;

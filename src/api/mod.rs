@@ -346,8 +346,10 @@ pub async fn terminate_user(
 fn not_ready_reason(state: &State) -> &'static str {
     if state.is_draining() {
         "DRAINING"
-    } else {
+    } else if !state.adapter.is_connected() {
         "BROKER UNAVAILABLE"
+    } else {
+        "WEBHOOK QUEUE UNAVAILABLE"
     }
 }
 

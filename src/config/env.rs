@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use super::load::ConfigError;
-use super::{AdapterDriver, AppConfig, Config, LogFormat};
+use super::{AdapterDriver, AppConfig, Config, LogFormat, QueueDriver};
 
 fn get<'a>(e: &'a HashMap<String, String>, names: &[&str]) -> Option<(&'a str, String)> {
     names.iter().find_map(|n| e.get_key_value(*n).map(|(k, v)| (v.as_str(), k.clone())))
@@ -133,6 +133,17 @@ pub(super) fn apply(c: &mut Config, e: &HashMap<String, String>) -> Result<(), C
             "nats" => AdapterDriver::Nats,
             _ => return Err(ConfigError::new(k, format!("{v:?} is not local, redis or nats"))),
         };
+    }
+    if let Some((v, k)) = get(e, &["WEBHOOK_QUEUE_DRIVER", "WEBHOOKS_QUEUE_DRIVER"]) {
+        c.webhooks.queue_driver = Some(match v.trim().to_ascii_lowercase().as_str() {
+            "memory" => QueueDriver::Memory,
+            "redis" => QueueDriver::Redis,
+            "nats" => QueueDriver::Nats,
+            _ => return Err(ConfigError::new(k, format!("{v:?} is not memory, redis or nats"))),
+        });
+    }
+    if let Some((v, k)) = get(e, &["WEBHOOKS_CLAIM_IDLE_MS"]) {
+        c.webhooks.claim_idle_ms = parse(v, &k, "a number of milliseconds")?;
     }
     if let Some((v, _)) = get(e, &["ADAPTER_CLUSTER_SECRET"]) {
         // Taken as is (an empty value is refused by `validate`, not read as "no secret").

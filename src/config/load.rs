@@ -298,7 +298,7 @@ fn check_cluster_secret(secret: Option<&str>) -> Result<(), ConfigError> {
 fn check_ranges(c: &Config) -> Result<(), ConfigError> {
     use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
     let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
-    let table: [(&str, u64, u64); 31] = [
+    let table: [(&str, u64, u64); 33] = [
         ("activity_timeout", c.activity_timeout, MAX_SECONDS),
         ("pong_timeout", c.pong_timeout, MAX_SECONDS),
         ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
@@ -326,6 +326,8 @@ fn check_ranges(c: &Config) -> Result<(), ConfigError> {
         ("webhooks.max_in_flight_per_app", w.max_in_flight_per_app as u64, 10_000),
         ("webhooks.timeout_ms", w.timeout_ms, MAX_MILLIS),
         ("webhooks.max_retry_seconds", w.max_retry_seconds, MAX_SECONDS),
+        ("webhooks.claim_idle_ms", w.claim_idle_ms, MAX_MILLIS),
+        ("webhooks.dead_letter_max", w.dead_letter_max as u64, MAX_COUNT),
         ("otel.metric_export_interval_ms", o.metric_export_interval_ms, MAX_MILLIS),
         ("otel.export_timeout_ms", o.export_timeout_ms, MAX_MILLIS),
         ("ssl.watch_interval_ms", c.ssl.watch_interval_ms, MAX_MILLIS),

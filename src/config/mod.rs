@@ -462,6 +462,46 @@ pub struct WebhooksConfig {
     /// PEM file of CA certificates trusted for `https://` receivers besides the system's
     /// roots (a private CA); empty: the system's roots only.
     pub ca_path: String,
+    /// Where events wait (`WEBHOOK_QUEUE_DRIVER`): in this process (`memory`), or durably on
+    /// the adapter's broker (`redis`: a Redis Stream with a consumer group; `nats`: a
+    /// JetStream work-queue stream). Unset: the adapter's broker, `memory` on `local`.
+    pub queue_driver: Option<QueueDriver>,
+    /// A broker queue's entry that a node took and has not acknowledged for this long (the
+    /// node died) is taken over by another node, or by a restarted one.
+    pub claim_idle_ms: u64,
+    /// Requests kept in the broker's dead-letter stream after their retries ran out (the
+    /// oldest go first); `sockudo webhooks replay` queues them again.
+    pub dead_letter_max: usize,
+}
+
+/// Where webhook events wait until their receiver has them (`webhooks.queue_driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueDriver {
+    Memory,
+    Redis,
+    Nats,
+}
+
+impl QueueDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueDriver::Memory => "memory",
+            QueueDriver::Redis => "redis",
+            QueueDriver::Nats => "nats",
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// The queue driver in effect: the configured one, or the adapter's broker.
+    pub fn queue(&self, adapter: AdapterDriver) -> QueueDriver {
+        self.queue_driver.unwrap_or(match adapter {
+            AdapterDriver::Local => QueueDriver::Memory,
+            AdapterDriver::Redis => QueueDriver::Redis,
+            AdapterDriver::Nats => QueueDriver::Nats,
+        })
+    }
 }
 
 impl Default for WebhooksConfig {
@@ -476,6 +516,9 @@ impl Default for WebhooksConfig {
             timeout_ms: 5_000,
             max_retry_seconds: 300,
             ca_path: String::new(),
+            queue_driver: None,
+            claim_idle_ms: 30_000,
+            dead_letter_max: 10_000,
         }
     }
 }

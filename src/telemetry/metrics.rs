@@ -555,6 +555,13 @@ impl Metrics {
         self.webhook_queue.add(-(events as i64), &a.base);
     }
 
+    /// The app's depth in a broker's webhook queue changed by `delta` events.
+    pub fn webhooks_depth_changed(&self, a: &AppAttrs, delta: i64) {
+        if delta != 0 {
+            self.webhook_queue.add(delta, &a.base);
+        }
+    }
+
     /// A webhook delivery outcome.
     pub fn webhook(&self, a: &AppAttrs, outcome: WebhookOutcome) {
         self.webhooks.add(1, &a.webhooks[outcome as usize]);

@@ -24,9 +24,13 @@
 //! app's webhooks are compiled on first use and again when the app is replaced (apps from a
 //! database change at run time), and an invalid one from a database is logged and skipped.
 
+mod durable;
 mod event;
+mod nats_queue;
+mod redis_queue;
 mod sender;
 
+pub use durable::replay;
 pub use event::{EventKind, WebhookEvent};
 
 use std::collections::HashMap;
@@ -39,7 +43,7 @@ use tokio::sync::{mpsc, watch, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::app::App;
+use crate::app::{App, AppManager};
 use crate::config::{Config, ConfigError, WebhookConfig};
 use crate::shutdown::Tracker;
 use crate::telemetry::{Metrics, WebhookOutcome};
@@ -50,12 +54,17 @@ const MAX_BATCH_EVENTS: usize = 100;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Headers every request gets from the server; a webhook's `headers` may not set them.
-const RESERVED_HEADERS: [&str; 4] = ["content-type", "x-pusher-key", "x-pusher-signature", "traceparent"];
+const RESERVED_HEADERS: [&str; 5] =
+    ["content-type", "x-pusher-key", "x-pusher-signature", "x-sockudo-webhook-id", "traceparent"];
 
 /// One webhook URL of an app, checked and parsed once per `App`.
 pub(crate) struct Target {
     /// Index among all targets: the batcher's grouping key.
     id: usize,
+    /// Index in the app's `webhooks`, and a digest of its URL: how a request in a broker's
+    /// queue names its target to whichever node delivers it.
+    index: usize,
+    fingerprint: String,
     url: reqwest::Url,
     /// The URL without credentials, query or fragment: safe for spans and logs.
     shown: String,
@@ -129,6 +138,11 @@ pub(crate) struct Held {
 }
 
 impl Held {
+    /// No places: a request read back from a broker's queue, whose events the broker counts.
+    fn none(shared: &Arc<Shared>, share: &Arc<Share>, app: &Arc<App>) -> Self {
+        Self { shared: shared.clone(), share: share.clone(), app: app.clone(), events: 0, bytes: 0 }
+    }
+
     /// Takes over `other`'s places (an event joining a batch of the same app).
     fn merge(&mut self, mut other: Held) {
         self.events += std::mem::take(&mut other.events);
@@ -177,13 +191,17 @@ pub(crate) struct Shared {
     phase: watch::Receiver<Phase>,
     /// Live delivery tasks; shutdown waits for them.
     tasks: Tracker,
+    /// The broker's queue, when `webhooks.queue_driver` is `redis` or `nats`.
+    durable: Option<Arc<durable::Durable>>,
 }
 
 /// The webhook queue and its senders.
 pub struct Webhooks {
+    /// Where a request read back from a broker's queue finds its app.
+    apps: Arc<AppManager>,
     /// Compiled targets by app id, filled on first use. Read-locked for a lookup only (an app
     /// without webhooks never gets here); written when an app is first seen or has changed.
-    apps: RwLock<HashMap<String, Arc<AppHooks>>>,
+    hooks: RwLock<HashMap<String, Arc<AppHooks>>>,
     next_target: AtomicUsize,
     tx: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
@@ -195,6 +213,9 @@ pub struct Webhooks {
     accepting: AtomicBool,
     phase: watch::Sender<Phase>,
     batcher: Mutex<Option<JoinHandle<()>>>,
+    /// A broker queue's journal, told to finish once the batcher has flushed.
+    journal: Mutex<Option<JoinHandle<()>>>,
+    journal_closing: watch::Sender<bool>,
     /// Events dropped, for sparse logging (the metric counts every one).
     dropped: AtomicU64,
 }
@@ -222,7 +243,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     if config.app_manager.driver == "config" {
         for (i, app) in config.app_manager.array.apps.iter().enumerate() {
             for (j, hook) in app.webhooks.iter().enumerate() {
-                compile(hook, 0).map_err(|(field, message)| {
+                compile(hook, 0, j).map_err(|(field, message)| {
                     ConfigError::new(format!("app_manager.array.apps[{i}].webhooks[{j}].{field}"), message)
                 })?;
             }
@@ -246,8 +267,8 @@ fn private_roots(path: &str) -> Result<Vec<reqwest::Certificate>, ConfigError> {
     Ok(roots)
 }
 
-/// One webhook's target, or the field at fault and why.
-fn compile(hook: &WebhookConfig, id: usize) -> Result<Target, (&'static str, String)> {
+/// One webhook's target (the app's `index`th), or the field at fault and why.
+fn compile(hook: &WebhookConfig, id: usize, index: usize) -> Result<Target, (&'static str, String)> {
     let url = reqwest::Url::parse(&hook.url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
@@ -275,7 +296,11 @@ fn compile(hook: &WebhookConfig, id: usize) -> Result<Target, (&'static str, Str
         v.set_sensitive(true);
         headers.insert(n, v);
     }
-    Ok(Target { id, shown: shown(&url), url, mask, headers })
+    let fingerprint = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(url.as_str().as_bytes())[..8])
+    };
+    Ok(Target { id, index, fingerprint, shown: shown(&url), url, mask, headers })
 }
 
 /// `scheme://host[:port]/path`: no user info, query or fragment.
@@ -289,10 +314,24 @@ fn shown(url: &reqwest::Url) -> String {
 }
 
 impl Webhooks {
-    /// Checks the settings ([`validate`]) and starts the batcher. Must run inside the Tokio
-    /// runtime.
-    pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
+    /// Checks the settings ([`validate`]), connects to the queue's broker (an unreachable one
+    /// is a [`ConfigError`], as for the adapter) and starts the batcher, and on a broker the
+    /// journal, the consumer and the depth task ([`durable`]). `node` names this node's
+    /// consumer on the broker.
+    pub async fn start(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        apps: Arc<AppManager>,
+        node: &str,
+    ) -> Result<Arc<Self>, ConfigError> {
         validate(config)?;
+        let (durable, journal_rx) = match durable::Queue::connect(config, node).await? {
+            Some(queue) => {
+                let (d, rx) = durable::Durable::new(queue, config);
+                (Some(d), Some(rx))
+            }
+            None => (None, None),
+        };
         let w = &config.webhooks;
         let timeout = Duration::from_millis(w.timeout_ms);
         let mut client = reqwest::Client::builder();
@@ -315,11 +354,18 @@ impl Webhooks {
             max_retry: Duration::from_secs(w.max_retry_seconds),
             phase: phase_rx,
             tasks: Tracker::default(),
+            durable: durable.clone(),
         });
         let (tx, rx) = mpsc::channel(w.queue_size);
         let batcher = tokio::spawn(batch(rx, shared.clone(), Duration::from_millis(w.batch_ms)));
-        Ok(Arc::new(Self {
-            apps: RwLock::default(),
+        let (journal_closing, closing_rx) = watch::channel(false);
+        let journal = match (&durable, journal_rx) {
+            (Some(d), Some(rx)) => Some(tokio::spawn(durable::journal(rx, d.clone(), shared.clone(), closing_rx))),
+            _ => None,
+        };
+        let webhooks = Arc::new(Self {
+            apps,
+            hooks: RwLock::default(),
             next_target: AtomicUsize::new(0),
             tx,
             shared,
@@ -330,8 +376,22 @@ impl Webhooks {
             accepting: AtomicBool::new(true),
             phase: phase_tx,
             batcher: Mutex::new(Some(batcher)),
+            journal: Mutex::new(journal),
+            journal_closing,
             dropped: AtomicU64::new(0),
-        }))
+        });
+        if let Some(d) = durable {
+            // Both end when shutdown begins (the phase changes).
+            tokio::spawn(durable::consume(webhooks.clone(), d.clone()));
+            tokio::spawn(durable::depth(webhooks.clone(), d));
+        }
+        tracing::info!(queue = w.queue(config.adapter.driver).as_str(), "webhook queue ready");
+        Ok(webhooks)
+    }
+
+    /// Whether the queue can take events to its broker (always, in memory): readiness.
+    pub fn queue_available(&self) -> bool {
+        self.shared.durable.as_ref().is_none_or(|d| d.available())
     }
 
     /// The compiled webhooks of `app`; `None` when it has none.
@@ -339,13 +399,13 @@ impl Webhooks {
         if app.settings.webhooks.is_empty() {
             return None;
         }
-        let cached = self.apps.read().unwrap_or_else(|p| p.into_inner()).get(&app.id).cloned();
+        let cached = self.hooks.read().unwrap_or_else(|p| p.into_inner()).get(&app.id).cloned();
         if let Some(h) = cached.filter(|h| std::ptr::eq(h.app.as_ptr(), Arc::as_ptr(app))) {
             return Some(h);
         }
         let (mut mask, mut targets) = (0, Vec::new());
         for (j, hook) in app.settings.webhooks.iter().enumerate() {
-            match compile(hook, self.next_target.fetch_add(1, Ordering::Relaxed)) {
+            match compile(hook, self.next_target.fetch_add(1, Ordering::Relaxed), j) {
                 Ok(t) => {
                     mask |= t.mask;
                     targets.push(Arc::new(t));
@@ -359,7 +419,7 @@ impl Webhooks {
                 ),
             }
         }
-        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
+        let mut apps = self.hooks.write().unwrap_or_else(|p| p.into_inner());
         let share = match apps.get(&app.id) {
             Some(old) => old.share.clone(),
             None => Arc::new(Share::new(self.app_in_flight)),
@@ -440,9 +500,15 @@ impl Webhooks {
         self.phase.send_replace(Phase::Draining);
         let batcher = self.batcher.lock().unwrap_or_else(|p| p.into_inner()).take();
         let shared = &self.shared;
+        let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner()).take();
         let flushed = tokio::time::timeout_at(deadline, async {
             if let Some(b) = batcher {
                 let _ = b.await;
+            }
+            // Everything batched is with the journal now: it ends once the broker has it.
+            self.journal_closing.send_replace(true);
+            if let Some(j) = journal {
+                let _ = j.await;
             }
             shared.tasks.wait_idle().await;
         })
@@ -554,6 +620,7 @@ fn add(batches: &mut HashMap<usize, Batch>, q: Queued, window: Duration, shared:
 
 /// Serialises and signs the batch once (retries resend the same bytes) and starts its delivery.
 fn flush(b: Batch, shared: &Arc<Shared>) {
+    let shared = shared.clone();
     let mut body = String::with_capacity(b.held.bytes + 32);
     body.push_str("{\"time_ms\":");
     body.push_str(&unix_millis().to_string());
@@ -565,8 +632,27 @@ fn flush(b: Batch, shared: &Arc<Shared>) {
         body.push_str(e);
     }
     body.push_str("]}");
+    let id: Arc<str> = Arc::from(format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
+    if let Some(queue) = &shared.durable {
+        let entry = durable::Entry {
+            id,
+            app: b.held.app.id.clone(),
+            target: b.target.index,
+            fingerprint: b.target.fingerprint.clone(),
+            events: b.held.events,
+            bytes: b.held.bytes,
+            traceparent: b.traceparent,
+            body: bytes::Bytes::from(body),
+        };
+        // Never full: the channel holds `queue_size` requests, and every request holds at
+        // least one of the node's `queue_size` places until the journal is done with it.
+        let _ = queue.journal.try_send(durable::Pending { entry, held: b.held });
+        return;
+    }
     let signature = crate::auth::sign(b.held.app.secret(), &body);
     let job = sender::Job {
+        id,
+        durable: false,
         target: b.target,
         body: bytes::Bytes::from(body),
         signature,
@@ -574,7 +660,9 @@ fn flush(b: Batch, shared: &Arc<Shared>) {
         held: b.held,
     };
     let token = shared.tasks.token();
-    tokio::spawn(sender::deliver(shared.clone(), job, token));
+    tokio::spawn(async move {
+        sender::deliver(shared, job, token).await;
+    });
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -629,10 +717,10 @@ mod tests {
 
     #[test]
     fn filters_and_shown_urls() {
-        let t = compile(&hook("https://u:p@h:8443/path?token=s#f", &["member_added"]), 0).unwrap();
+        let t = compile(&hook("https://u:p@h:8443/path?token=s#f", &["member_added"]), 0, 0).unwrap();
         assert_eq!(t.shown, "https://h:8443/path");
         assert_eq!(t.mask, EventKind::MemberAdded.bit());
-        let all = compile(&hook("http://h/", &[]), 1).unwrap();
+        let all = compile(&hook("http://h/", &[]), 1, 0).unwrap();
         assert!(EventKind::ALL.iter().all(|k| all.mask & k.bit() != 0));
     }
 
@@ -641,7 +729,8 @@ mod tests {
         use opentelemetry::metrics::MeterProvider as _;
         let provider = opentelemetry_sdk::metrics::SdkMeterProvider::default();
         let metrics = Arc::new(Metrics::new(&provider.meter("test"), 0));
-        let webhooks = Webhooks::start(&Config::default(), metrics.clone()).unwrap();
+        let apps = Arc::new(AppManager::from_config(&Config::default(), &metrics));
+        let webhooks = Webhooks::start(&Config::default(), metrics.clone(), apps, "n").await.unwrap();
         let app = |types: &[&str]| {
             let settings =
                 AppConfig { id: "a".into(), webhooks: vec![hook("http://h/", types)], ..AppConfig::default() };
@@ -682,7 +771,8 @@ mod tests {
         let mut c = Config::default();
         c.webhooks.queue_size = 5;
         c.webhooks.max_queue_events_per_app = 3;
-        let webhooks = Webhooks::start(&c, metrics.clone()).unwrap();
+        let apps = Arc::new(AppManager::from_config(&c, &metrics));
+        let webhooks = Webhooks::start(&c, metrics.clone(), apps, "n").await.unwrap();
         let app = |id: &str| {
             let settings = AppConfig { id: id.into(), webhooks: vec![hook("http://h/", &[])], ..AppConfig::default() };
             Arc::new(App::new(settings, &metrics))

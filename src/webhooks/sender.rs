@@ -32,6 +32,12 @@ const MAX_RESPONSE_READ: usize = 64 * 1024;
 
 /// A signed batch for one target.
 pub(crate) struct Job {
+    /// `X-Sockudo-Webhook-Id`: the same on every attempt, and on a broker queue on every
+    /// node that delivers this request, so that receivers can drop what they already have.
+    pub id: Arc<str>,
+    /// On a broker queue: shutdown leaves an unfinished job to another node (or to this one
+    /// after a restart) instead of giving it up.
+    pub durable: bool,
     pub target: Arc<Target>,
     pub body: Bytes,
     pub signature: String,
@@ -49,32 +55,56 @@ enum Attempt {
     Retry(String),
 }
 
-/// Delivers `job` until it is accepted, refused, out of retry time or shutdown gives up.
-pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) {
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// Delivered or failed, and counted so.
+    Done(WebhookOutcome),
+    /// A durable job left unfinished by shutdown: not counted, not acknowledged.
+    Left,
+}
+
+/// Delivers `job` until it is accepted, refused, out of retry time or shutdown gives up (a
+/// durable job is left to another node instead), and counts the outcome.
+pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) -> Finished {
+    let outcome = attempts(&shared, &job).await;
+    if let Finished::Done(outcome) = outcome {
+        shared.metrics.webhook(&job.held.app.attrs, outcome);
+    }
+    outcome
+    // Dropping `job` gives its places back.
+}
+
+async fn attempts(shared: &Shared, job: &Job) -> Finished {
     let started = Instant::now();
     let mut phase = shared.phase.clone();
     let mut backoff = FIRST_BACKOFF;
     let mut attempt: u32 = 1;
-    let outcome = loop {
+    let left = if job.durable { Finished::Left } else { Finished::Done(WebhookOutcome::Failed) };
+    loop {
         let draining = *phase.borrow() != Phase::Running;
         let result = tokio::select! {
-            r = send(&shared, &job, attempt) => r,
-            _ = phase.wait_for(|p| *p == Phase::Abort) => break WebhookOutcome::Failed,
+            r = send(shared, job, attempt) => r,
+            _ = phase.wait_for(|p| *p == Phase::Abort) => return left,
         };
         let why = match result {
-            Attempt::Delivered => break WebhookOutcome::Delivered,
+            Attempt::Delivered => return Finished::Done(WebhookOutcome::Delivered),
             Attempt::Refused(status) => {
                 tracing::warn!(app_id = %job.held.app.id, url = %job.target.shown, status, attempt, "webhook refused by the receiver; not retried");
-                break WebhookOutcome::Failed;
+                return Finished::Done(WebhookOutcome::Failed);
             }
             Attempt::Retry(why) => why,
         };
         let delay = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
         backoff = (backoff * 2).min(MAX_BACKOFF);
-        // While shutting down a batch gets one more attempt, made at once.
+        // While shutting down a batch gets one more attempt, made at once; a durable one then
+        // stays in the broker's queue for the next node.
+        if draining && job.durable {
+            return Finished::Left;
+        }
         if draining || started.elapsed() + delay > shared.max_retry {
             tracing::warn!(app_id = %job.held.app.id, url = %job.target.shown, error = %why, attempt, "webhook delivery failed; giving up");
-            break WebhookOutcome::Failed;
+            return Finished::Done(WebhookOutcome::Failed);
         }
         tracing::debug!(app_id = %job.held.app.id, url = %job.target.shown, error = %why, attempt, delay_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
         shared.metrics.webhook(&job.held.app.attrs, WebhookOutcome::Retried);
@@ -83,9 +113,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, job: Job, _token: TaskToken) {
             _ = phase.wait_for(|p| *p != Phase::Running) => {}
         }
         attempt += 1;
-    };
-    shared.metrics.webhook(&job.held.app.attrs, outcome);
-    // Dropping `job` gives its places back.
+    }
 }
 
 /// One POST under the app's and a worker's permit, as a `webhook.send` span.
@@ -102,6 +130,7 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         http.request.method = "POST",
         http.response.status_code = Empty,
         sockudo.webhook.attempt = attempt,
+        sockudo.webhook.id = &*job.id,
     );
     continue_from(&span, job.traceparent.as_deref());
     let traceparent = span.in_scope(current_traceparent).or_else(|| job.traceparent.as_deref().map(str::to_owned));
@@ -112,6 +141,7 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         .header(CONTENT_TYPE, "application/json")
         .header("X-Pusher-Key", job.held.app.key.as_str())
         .header("X-Pusher-Signature", job.signature.as_str())
+        .header("X-Sockudo-Webhook-Id", &*job.id)
         .body(job.body.clone());
     if let Some(tp) = traceparent {
         request = request.header("traceparent", tp);
