@@ -314,9 +314,11 @@ def build():
     ], unit="ops", stack=True,
         links=[{"title": "Webhook traces (Jaeger, Explore)", "url": explore_traces_url("webhook.send"), "targetBlank": False}]), 12, 8)
     L.add(timeseries("Webhook queue by app", [
-        (f"sum by (app_id) (sockudo_webhook_queue_events{{{S}}})", "{{app_id}}"),
-    ], desc="Webhook events waiting to be sent (queued, batching, in flight or waiting to retry), each node's view; "
-            "an app is held to `webhooks.max_queue_events_per_app` and `max_queue_kb_per_app`, past which its new events are dropped."), 12, 8)
+        (f"max by (app_id) (sockudo_webhook_queue_events{{{S}}})", "{{app_id}}"),
+    ], desc="Webhook events waiting to be sent (queued, batching, in flight or waiting to retry), the largest node's view. "
+            "On a Redis or NATS queue every node reports the shared queue (on NATS counted in requests of up to 100 events) "
+            "plus what it has not written yet; on the memory queue each node reports its own, and a sum by app_id adds them up. "
+            "An app is held to `webhooks.max_queue_events_per_app` and `max_queue_kb_per_app`, past which its new events are dropped."), 12, 8)
     L.add(stat("Build info", [(f"max by (instance, version) (sockudo_build_info{{{I}}})", "{{instance}}: {{version}}")],
                text_mode="name", desc="One tile per instance, named by the version it runs."), 12, 8)
 

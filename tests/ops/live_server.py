@@ -76,6 +76,7 @@ MUST_BE_EMPTY = {
     "SockudoAdapterDisconnected": "both nodes stay connected to Redis",
     "SockudoUnauthenticatedClusterEnvelopes": "nothing but the two nodes publishes on their topic",
     "SockudoWebhookFailures": "no app of the test config has webhooks: no delivery can fail or be dropped",
+    "SockudoWebhookQueueStuck": "no app of the test config has webhooks: no event waits",
     "SockudoTargetMissing": "absent(up{job=\"sockudo\"}): the sockudo job has its target",
     "SockudoMetricsMissing": "every scraped sockudo target exposes sockudo_build_info",
     "SockudoTelemetryExportFailing": "the live nodes export no OTLP: no export can fail",
