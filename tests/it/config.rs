@@ -64,6 +64,9 @@ fn bad_values_exit_64_naming_the_key() {
         (vec![("PROMETHEUS_METRICS_PREFIX", "9bad")], None, "metrics.prometheus.prefix"),
         (vec![("METRICS_ENABLED", "maybe")], None, "METRICS_ENABLED"),
         (vec![("ADAPTER_DRIVER", "kafka")], None, "ADAPTER_DRIVER"),
+        (vec![("WEBHOOK_QUEUE_DRIVER", "sqs")], None, "WEBHOOK_QUEUE_DRIVER"),
+        (vec![], Some(r#"{"webhooks": {"queue_driver": "sqs"}}"#), "queue_driver"),
+        (vec![], Some(r#"{"webhooks": {"claim_idle_ms": 18446744073709551615}}"#), "webhooks.claim_idle_ms"),
         (vec![], Some(r#"{"porto": 1}"#), "porto"),
         (vec![], Some(r#"{"activity_timeout": "soon"}"#), "activity_timeout"),
         (
@@ -195,4 +198,30 @@ fn shipped_example_configs_are_valid() {
         checked,
         ["nats-cluster.toml", "otlp.toml", "redis-cluster.toml", "single-node.toml", "sockudo.json", "tls.toml"]
     );
+}
+
+/// `webhooks replay` has nothing to replay on the memory queue and cannot replay without its
+/// broker: both are configuration errors (exit 64) naming the key; a broker that answers with
+/// an empty dead-letter stream replays nothing.
+#[test]
+fn webhooks_replay_needs_a_broker_queue() {
+    let o = sockudo(&["webhooks", "replay"], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("webhooks.queue_driver"), "{}", stderr(&o));
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{dead_port}");
+    let o = sockudo(&["webhooks", "replay"], &[("WEBHOOK_QUEUE_DRIVER", "redis"), ("REDIS_URL", &url)]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("adapter.redis.url"), "{}", stderr(&o));
+    let prefix = format!("replay-empty-{}", std::process::id());
+    let f = write("replay.json", &format!(r#"{{"adapter": {{"redis": {{"prefix": "{prefix}"}}}}}}"#));
+    let o = sockudo(
+        &["webhooks", "replay", "--config", f.to_str().unwrap(), "--app", "app-id"],
+        &[("WEBHOOK_QUEUE_DRIVER", "redis"), ("REDIS_URL", "redis://127.0.0.1:6379")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"replayed": 0}));
+    let o = sockudo(&["webhooks", "frobnicate"], &[]);
+    assert_eq!(o.status.code(), Some(64));
 }
