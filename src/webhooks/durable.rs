@@ -368,6 +368,9 @@ pub(crate) async fn consume(webhooks: Arc<Webhooks>, durable: Arc<Durable>) {
             t = durable.queue.take(room, claim) => t,
             _ = phase.changed() => continue,
         };
+        if taken.is_ok() {
+            durable.answered();
+        }
         match taken {
             Ok(list) if list.is_empty() && !claim => {
                 if let Queue::Redis(_) = durable.queue {
@@ -379,7 +382,6 @@ pub(crate) async fn consume(webhooks: Arc<Webhooks>, durable: Arc<Durable>) {
                 }
             }
             Ok(list) => {
-                durable.answered();
                 for taken in list {
                     durable.held.fetch_add(1, Ordering::AcqRel);
                     let token = webhooks.shared.tasks.token();
