@@ -21,7 +21,13 @@ use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
+use super::transport::{Outgoing, Place, QUEUE};
+use crate::app::App;
 use crate::telemetry::logs::Sparse;
+
+/// Envelopes of one app in the outgoing queue at most: a quarter of it, so that a flood from
+/// one app leaves the rest for the others (and for the nodes' own heartbeats and answers).
+pub const APP_SHARE: usize = QUEUE / 4;
 
 /// What travels between nodes. Every variant names its sender (`n`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,7 +309,7 @@ pub enum PresenceEvent {
 /// The replicated cluster state of one node.
 pub struct Cluster {
     pub node: Arc<str>,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::Sender<Outgoing>,
     nodes: Mutex<HashMap<Arc<str>, Instant>>,
     pending: Mutex<HashMap<u64, mpsc::Sender<Value>>>,
     presence: Mutex<HashMap<PresenceKey, HashMap<String, Member>>>,
@@ -335,7 +341,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Cluster {
     pub fn new(
         node: &str,
-        out: mpsc::Sender<Bytes>,
+        out: mpsc::Sender<Outgoing>,
         request_timeout: Duration,
         node_timeout: Duration,
         signer: Option<Signer>,
@@ -361,18 +367,39 @@ impl Cluster {
         self.signer.is_some()
     }
 
-    /// Queues an envelope for the broker, sealed once when signing is on; a full queue drops
-    /// it (counted, logged sparsely).
+    /// Queues a node envelope (heartbeat, snapshot, query, ...) for the broker, sealed once
+    /// when signing is on; a full queue drops it (counted, logged sparsely).
     pub fn send(&self, header: &Header, body: &[u8]) {
-        let envelope = match &self.signer {
+        self.queue(header, body, None);
+    }
+
+    /// Queues an envelope caused by `app`'s traffic: an app holds at most [`APP_SHARE`] of the
+    /// outgoing queue, so that one app flooding a slow broker link drops its own envelopes and
+    /// not the other apps'.
+    pub fn send_for(&self, app: &App, header: &Header, body: &[u8]) {
+        let share = &app.link_queued;
+        if share.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < APP_SHARE).then_some(n + 1)).is_err() {
+            self.dropped_one("an app's share of the cluster outbox is full; its envelopes dropped");
+            return;
+        }
+        self.queue(header, body, Some(Place(share.clone())));
+    }
+
+    fn queue(&self, header: &Header, body: &[u8], place: Option<Place>) {
+        let payload = match &self.signer {
             Some(s) => s.seal(&self.node, unix_millis(), header, body),
             None => encode(header, body),
         };
-        if self.out.try_send(envelope).is_err() {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(dropped = n, "cluster outbox full; envelopes dropped");
-            }
+        // A refused envelope gives its app's place back as it drops.
+        if self.out.try_send(Outgoing { payload, place }).is_err() {
+            self.dropped_one("cluster outbox full; envelopes dropped");
+        }
+    }
+
+    fn dropped_one(&self, why: &'static str) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(dropped = n, "{why}");
         }
     }
 
@@ -619,6 +646,38 @@ mod tests {
 
     fn heartbeat(n: &str) -> Header {
         Header::Heartbeat { n: n.into() }
+    }
+
+    /// A broker link that does not drain: app a fills its share and no more, app b and the
+    /// node's own envelopes still go, and a place comes back when the publisher takes one.
+    #[test]
+    fn one_app_holds_at_most_its_share_of_the_outbox() {
+        use opentelemetry::metrics::MeterProvider as _;
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::default();
+        let metrics = crate::telemetry::Metrics::new(&provider.meter("test"), 0);
+        let app = |id: &str| App::new(crate::config::AppConfig { id: id.into(), ..Default::default() }, &metrics);
+        let (a, b) = (app("a"), app("b"));
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let cluster = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None);
+        for _ in 0..APP_SHARE + 10 {
+            cluster.send_for(&a, &heartbeat("me"), b"x");
+        }
+        assert_eq!(cluster.drops().out_queue_full, 10);
+        assert_eq!(a.link_queued.load(Ordering::Acquire), APP_SHARE);
+        cluster.send_for(&b, &heartbeat("me"), b"x");
+        cluster.send(&heartbeat("me"), b"");
+        assert_eq!(cluster.drops().out_queue_full, 10, "b's and the node's envelopes are queued");
+        assert_eq!(b.link_queued.load(Ordering::Acquire), 1);
+        drop(rx.try_recv().unwrap());
+        assert_eq!(a.link_queued.load(Ordering::Acquire), APP_SHARE - 1, "taken by the publisher: the place is back");
+        cluster.send_for(&a, &heartbeat("me"), b"x");
+        assert_eq!(cluster.drops().out_queue_full, 10);
+        // A full link refuses an envelope and gives its place back.
+        let (tx, _rx) = mpsc::channel(1);
+        let full = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None);
+        full.send(&heartbeat("me"), b"");
+        full.send_for(&b, &heartbeat("me"), b"x");
+        assert_eq!((full.drops().out_queue_full, b.link_queued.load(Ordering::Acquire)), (1, 1));
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl Adapter {
                 cache: false,
                 e: event.to_owned(),
             };
-            cluster.send(&header, text.as_bytes());
+            cluster.send_for(app, &header, text.as_bytes());
         }
         self.broadcast(app, channel, text, except, None);
     }
@@ -293,7 +293,7 @@ impl Adapter {
                     cache: channel.is_cache(),
                     e: event.name.clone(),
                 };
-                cluster.send(&header, text.as_bytes());
+                cluster.send_for(app, &header, text.as_bytes());
             }
             let recipients = self.broadcast(app, channel, text, event.socket_id.as_deref(), Some(started));
             span.record("sockudo.recipients", recipients);
@@ -333,7 +333,7 @@ impl Adapter {
                     u: user.clone(),
                     i: info.clone(),
                 };
-                cluster.send(&header, b"");
+                cluster.send_for(app, &header, b"");
             }
             let members = cluster.members(&app.id, channel.as_str());
             outcome.succeeded_data =
@@ -377,7 +377,8 @@ impl Adapter {
         if let Some(user_id) = out.member_removed {
             let gone = match &self.cluster {
                 Some(cluster) => {
-                    cluster.send(
+                    cluster.send_for(
+                        app,
                         &Header::PresenceLeave {
                             n: cluster.me(),
                             a: app.id.clone(),
@@ -494,7 +495,11 @@ impl Adapter {
     /// Closes every socket signed in as `user_id`, on every node; returns how many were here.
     pub fn terminate_user(&self, app: &App, user_id: &str) -> usize {
         if let Some(cluster) = &self.cluster {
-            cluster.send(&Header::Terminate { n: cluster.me(), a: app.id.clone(), u: user_id.to_owned() }, b"");
+            cluster.send_for(
+                app,
+                &Header::Terminate { n: cluster.me(), a: app.id.clone(), u: user_id.to_owned() },
+                b"",
+            );
         }
         self.terminate_local(app, user_id)
     }

@@ -24,9 +24,25 @@ use crate::redis_client::{Commands, Redis, SetupError, Target, CONNECT_TIMEOUT};
 pub const QUEUE: usize = 65_536;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// An envelope on its way to the broker, and the app's place in the queue it holds until the
+/// publisher takes it (see [`Cluster::send_for`](super::cluster::Cluster::send_for)).
+pub struct Outgoing {
+    pub payload: Bytes,
+    pub place: Option<Place>,
+}
+
+/// One envelope counted against its app's share of the outgoing queue; uncounted on drop.
+pub struct Place(pub Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A connected broker: send envelopes, receive everyone's (including, on Redis, our own).
 pub struct Link {
-    pub outgoing: mpsc::Sender<Bytes>,
+    pub outgoing: mpsc::Sender<Outgoing>,
     pub incoming: mpsc::Receiver<Bytes>,
     /// Whether the subscription is up right now.
     pub connected: watch::Receiver<bool>,
@@ -67,7 +83,7 @@ fn spawn_publisher(
     commands: Arc<Commands>,
     command: &'static str,
     topic: String,
-    mut out_rx: mpsc::Receiver<Bytes>,
+    mut out_rx: mpsc::Receiver<Outgoing>,
     drops: Arc<Drops>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -76,8 +92,8 @@ fn spawn_publisher(
         while out_rx.recv_many(&mut batch, 256).await > 0 {
             let mut pipe = redis::pipe();
             let count = batch.len() as u64;
-            for payload in batch.drain(..) {
-                pipe.cmd(command).arg(&topic).arg(&payload[..]).ignore();
+            for out in batch.drain(..) {
+                pipe.cmd(command).arg(&topic).arg(&out.payload[..]).ignore();
             }
             if let Err(err) = commands.query::<()>(&pipe).await {
                 drops.outgoing.fetch_add(count, Ordering::Relaxed);
@@ -112,7 +128,7 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
         .await
         .map_err(|_| target.fail(&"timed out"))?
         .map_err(|e| target.fail(&e))?;
-    let (out_tx, out_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (up_tx, up_rx) = watch::channel(true);
     let drops = Arc::new(Drops::default());
@@ -181,7 +197,7 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
 async fn redis_cluster(target: Redis, prefix: &str) -> Result<Link, SetupError> {
     // A hash tag would not change anything (one topic is one slot); the name stays as on Redis.
     let topic = format!("{prefix}#cluster");
-    let (out_tx, out_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (up_tx, up_rx) = watch::channel(true);
     let drops = Arc::new(Drops::default());
@@ -265,13 +281,13 @@ pub async fn nats(config: &NatsConfig) -> Result<Link, SetupError> {
     up_tx.send_replace(true);
     let subject = format!("{prefix}.cluster");
     let mut subscription = client.subscribe(subject.clone()).await.map_err(|e| fail(&e))?;
-    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let drops = Arc::new(Drops::default());
     let pub_drops = drops.clone();
     let publisher_task = tokio::spawn(async move {
-        while let Some(payload) = out_rx.recv().await {
-            if client.publish(subject.clone(), payload).await.is_err() {
+        while let Some(out) = out_rx.recv().await {
+            if client.publish(subject.clone(), out.payload).await.is_err() {
                 pub_drops.outgoing.fetch_add(1, Ordering::Relaxed);
             }
         }
