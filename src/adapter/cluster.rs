@@ -47,6 +47,9 @@ pub enum Header {
         /// W3C `traceparent` of the origin's `broadcast` span.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tp: Option<String>,
+        /// W3C `baggage` of that span's context, when it has any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bg: Option<String>,
         /// The frame is also the channel's cached last event.
         #[serde(default)]
         cache: bool,
@@ -691,6 +694,7 @@ mod tests {
             x: None,
             o: 0,
             tp: None,
+            bg: None,
             cache: false,
             e: "ev".into(),
         };
@@ -756,6 +760,7 @@ mod tests {
             x: None,
             o: 5,
             tp: None,
+            bg: None,
             cache: false,
             e: "ev".into(),
         };

@@ -251,6 +251,7 @@ impl Adapter {
                 x: except.map(str::to_owned),
                 o: 0,
                 tp: crate::telemetry::trace::current_traceparent(),
+                bg: crate::telemetry::trace::current_baggage(),
                 cache: false,
                 e: event.to_owned(),
             };
@@ -290,6 +291,7 @@ impl Adapter {
                     x: event.socket_id.clone(),
                     o: origin,
                     tp: crate::telemetry::trace::current_traceparent(),
+                    bg: crate::telemetry::trace::current_baggage(),
                     cache: channel.is_cache(),
                     e: event.name.clone(),
                 };
@@ -654,7 +656,7 @@ impl Adapter {
             self.record_state();
         }
         match header {
-            Header::Broadcast { a, c, x, o, tp, cache, e, .. } => {
+            Header::Broadcast { a, c, x, o, tp, bg, cache, e, .. } => {
                 let Some(app) = self.apps.find_by_id(&a).await else { return };
                 let Ok(channel) = ChannelName::parse(&c, app.settings.max_channel_name_length) else { return };
                 let Ok(text) = Utf8Bytes::try_from(body) else { return };
@@ -672,7 +674,7 @@ impl Adapter {
                     messaging.batch.message_count = tracing::field::Empty,
                     sockudo.last_write_ms = tracing::field::Empty,
                 );
-                crate::telemetry::trace::continue_from(&span, tp.as_deref());
+                crate::telemetry::trace::continue_from(&span, tp.as_deref(), bg.as_deref());
                 let _entered = span.enter();
                 if cache {
                     self.registry.app(&app).set_cache(&c, text.clone());

@@ -54,13 +54,16 @@ pub async fn upgrade(
         }
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    // The connection's span continues the caller's trace: a `traceparent` header, or (browsers
-    // cannot set headers on a WebSocket) a `traceparent` query parameter.
-    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "traceparent")
-            .map(|(_, v)| v.into_owned())
-    });
+    // The connection's span continues the caller's trace: `traceparent` and `baggage` headers,
+    // or (browsers cannot set headers on a WebSocket) query parameters of those names.
+    let carried = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
+            form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    let trace = (carried("traceparent"), carried("baggage"));
     let c = &state.config.websocket;
     let hard = c.hard_max_message_size_kb * 1024;
     ws.read_buffer_size(c.read_buffer_size)
@@ -69,7 +72,7 @@ pub async fn upgrade(
         .max_write_buffer_size(c.write_buffer_size + c.max_queue_kb * 1024 + hard)
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| accept(socket, state, key, query, origin, traceparent))
+        .on_upgrade(move |socket| accept(socket, state, key, query, origin, trace))
 }
 
 /// A WebSocket to a path that is not `/app/{key}`: upgraded and refused with 4005, as Pusher
@@ -101,7 +104,7 @@ async fn accept(
     key: String,
     query: Option<String>,
     origin: Option<String>,
-    traceparent: Option<String>,
+    (traceparent, baggage): (Option<String>, Option<String>),
 ) {
     let _task = state.sockets.token();
     let app = match state.apps.lookup_by_key(&key).await {
@@ -127,7 +130,7 @@ async fn accept(
     let Some(_app_slot) = AppSlot::acquire(&app) else {
         return refuse(ws, &state, Some(&app), ProtocolError::OverQuota).await;
     };
-    session::run(ws, &state, &app, traceparent.as_deref()).await;
+    session::run(ws, &state, &app, traceparent.as_deref(), baggage.as_deref()).await;
 }
 
 /// A node connection slot under `max_connections`, released on drop, so that no way out of a

@@ -68,7 +68,13 @@ struct Session<'a> {
     conn_link: Option<crate::telemetry::trace::Link>,
 }
 
-pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>, traceparent: Option<&str>) {
+pub(super) async fn run(
+    mut ws: WebSocket,
+    state: &Arc<State>,
+    app: &Arc<App>,
+    traceparent: Option<&str>,
+    baggage: Option<&str>,
+) {
     let cfg = &state.config;
     let queue = app.attrs.send_queue();
     let handle = Arc::new(SocketHandle::counted(state.next_socket_id(), cfg.websocket.max_queue_kb * 1024, queue));
@@ -79,7 +85,7 @@ pub(super) async fn run(mut ws: WebSocket, state: &Arc<State>, app: &Arc<App>, t
         sockudo.socket_id = %handle.id,
         websocket.close.code = tracing::field::Empty,
     );
-    crate::telemetry::trace::continue_from(&conn_span, traceparent);
+    crate::telemetry::trace::continue_from(&conn_span, traceparent, baggage);
     let rate = app.settings.max_client_events_per_second;
     let mut session = Session {
         state,

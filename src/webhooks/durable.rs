@@ -67,6 +67,7 @@ pub(crate) struct Entry {
     pub events: usize,
     pub bytes: usize,
     pub traceparent: Option<Arc<str>>,
+    pub baggage: Option<Arc<str>>,
     /// `{"time_ms": ..., "events": [...]}`, signed again at each delivery (with the app's
     /// current secret).
     pub body: Bytes,
@@ -484,6 +485,7 @@ fn job(webhooks: &Webhooks, app: &Arc<App>, entry: &Entry) -> Option<Job> {
         signature: crate::auth::sign(app.secret(), body),
         body: entry.body.clone(),
         traceparent: entry.traceparent.clone(),
+        baggage: entry.baggage.clone(),
         // Its events are counted in the broker's depth, not here.
         held: Held::none(&webhooks.shared, &hooks.share, app),
     })

@@ -54,8 +54,8 @@ const MAX_BATCH_EVENTS: usize = 100;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Headers every request gets from the server; a webhook's `headers` may not set them.
-const RESERVED_HEADERS: [&str; 5] =
-    ["content-type", "x-pusher-key", "x-pusher-signature", "x-sockudo-webhook-id", "traceparent"];
+const RESERVED_HEADERS: [&str; 6] =
+    ["content-type", "x-pusher-key", "x-pusher-signature", "x-sockudo-webhook-id", "traceparent", "baggage"];
 
 /// One webhook URL of an app, checked and parsed once per `App`.
 pub(crate) struct Target {
@@ -166,6 +166,7 @@ struct Queued {
     target: Arc<Target>,
     event: Arc<str>,
     traceparent: Option<Arc<str>>,
+    baggage: Option<Arc<str>>,
     held: Held,
 }
 
@@ -447,6 +448,7 @@ impl Webhooks {
         // Its share of a request body: the event and a comma.
         let bytes = json.len() + 1;
         let traceparent = crate::telemetry::trace::current_traceparent().map(Arc::<str>::from);
+        let baggage = crate::telemetry::trace::current_baggage().map(Arc::<str>::from);
         for target in hooks.targets.iter().filter(|t| t.mask & bit != 0) {
             let held = match self.admit(&hooks.share, app, bytes) {
                 Ok(held) => held,
@@ -455,7 +457,13 @@ impl Webhooks {
                     continue;
                 }
             };
-            let queued = Queued { target: target.clone(), event: json.clone(), traceparent: traceparent.clone(), held };
+            let queued = Queued {
+                target: target.clone(),
+                event: json.clone(),
+                traceparent: traceparent.clone(),
+                baggage: baggage.clone(),
+                held,
+            };
             if self.tx.try_send(queued).is_err() {
                 // Only when the batcher has stopped (the channel holds at most `queue_size`);
                 // the returned event gives its places back as it drops.
@@ -547,8 +555,9 @@ pub(crate) async fn permits<'a>(
 struct Batch {
     target: Arc<Target>,
     events: Vec<Arc<str>>,
-    /// The first traced event's context: the request continues that trace.
+    /// The first traced event's context: the request continues that trace, with its baggage.
     traceparent: Option<Arc<str>>,
+    baggage: Option<Arc<str>>,
     due: Instant,
     /// The events' places; `held.bytes` is the body's size, roughly.
     held: Held,
@@ -598,8 +607,8 @@ fn add(batches: &mut HashMap<usize, Batch>, q: Queued, window: Duration, shared:
             let b = e.into_mut();
             b.held.merge(q.held);
             b.events.push(q.event);
-            if b.traceparent.is_none() {
-                b.traceparent = q.traceparent;
+            if b.traceparent.is_none() && b.baggage.is_none() {
+                (b.traceparent, b.baggage) = (q.traceparent, q.baggage);
             }
             b
         }
@@ -607,6 +616,7 @@ fn add(batches: &mut HashMap<usize, Batch>, q: Queued, window: Duration, shared:
             target: q.target,
             events: vec![q.event],
             traceparent: q.traceparent,
+            baggage: q.baggage,
             due: Instant::now() + window,
             held: q.held,
         }),
@@ -642,6 +652,7 @@ fn flush(b: Batch, shared: &Arc<Shared>) {
             events: b.held.events,
             bytes: b.held.bytes,
             traceparent: b.traceparent,
+            baggage: b.baggage,
             body: bytes::Bytes::from(body),
         };
         // Never full: the channel holds `queue_size` requests, and every request holds at
@@ -657,6 +668,7 @@ fn flush(b: Batch, shared: &Arc<Shared>) {
         body: bytes::Bytes::from(body),
         signature,
         traceparent: b.traceparent,
+        baggage: b.baggage,
         held: b.held,
     };
     let token = shared.tasks.token();

@@ -127,6 +127,9 @@ impl NatsQueue {
         if let Some(tp) = &entry.traceparent {
             h.insert("traceparent", &**tp);
         }
+        if let Some(bg) = &entry.baggage {
+            h.insert("baggage", &**bg);
+        }
         h
     }
 
@@ -141,6 +144,7 @@ impl NatsQueue {
             events: get("Sockudo-Events")?.parse().ok()?,
             bytes: get("Sockudo-Bytes")?.parse().ok()?,
             traceparent: get("traceparent").map(Into::into),
+            baggage: get("baggage").map(Into::into),
             body: body.clone(),
         })
     }

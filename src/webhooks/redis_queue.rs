@@ -119,6 +119,9 @@ impl RedisQueue {
         if let Some(tp) = &entry.traceparent {
             f.push(("tp", tp.as_bytes().to_vec()));
         }
+        if let Some(bg) = &entry.baggage {
+            f.push(("bg", bg.as_bytes().to_vec()));
+        }
         f
     }
 
@@ -131,6 +134,7 @@ impl RedisQueue {
             events: s.get::<String>("n")?.parse().ok()?,
             bytes: s.get::<String>("b")?.parse().ok()?,
             traceparent: s.get::<String>("tp").map(Arc::from),
+            baggage: s.get::<String>("bg").map(Arc::from),
             body: Bytes::from(s.get::<Vec<u8>>("body")?),
         })
     }

@@ -42,6 +42,8 @@ pub(crate) struct Job {
     pub body: Bytes,
     pub signature: String,
     pub traceparent: Option<Arc<str>>,
+    /// The W3C `baggage` of that event's context, sent as the `baggage` header.
+    pub baggage: Option<Arc<str>>,
     /// The events' places under the queue bounds, and their app.
     pub held: Held,
 }
@@ -132,7 +134,7 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         sockudo.webhook.attempt = attempt,
         sockudo.webhook.id = &*job.id,
     );
-    continue_from(&span, job.traceparent.as_deref());
+    continue_from(&span, job.traceparent.as_deref(), job.baggage.as_deref());
     let traceparent = span.in_scope(current_traceparent).or_else(|| job.traceparent.as_deref().map(str::to_owned));
     let mut request = shared
         .client
@@ -145,6 +147,9 @@ async fn send(shared: &Shared, job: &Job, attempt: u32) -> Attempt {
         .body(job.body.clone());
     if let Some(tp) = traceparent {
         request = request.header("traceparent", tp);
+    }
+    if let Some(baggage) = &job.baggage {
+        request = request.header("baggage", &**baggage);
     }
     async {
         match request.send().await {

@@ -461,7 +461,8 @@ async fn nats_killed_node() {
 }
 
 /// One trace across two nodes: the origin's `broadcast` span is the parent of the receiving
-/// node's `broadcast.remote` span, both exported to one OTLP receiver.
+/// node's `broadcast.remote` span, both exported to one OTLP receiver, and the request's W3C
+/// baggage travels in the envelope (recorded on the remote span as `baggage.*`).
 #[tokio::test]
 async fn one_trace_across_nodes() {
     use crate::support::otlp::{hex, Receiver};
@@ -478,7 +479,8 @@ async fn one_trace_across_nodes() {
     for _ in 0..50 {
         let body = json!({"name": "t", "channel": "traced", "data": "x"}).to_string();
         let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
-        assert_eq!(signed_publish(a.port, &body, Some(&traceparent)).await.0, 200);
+        let headers = [("traceparent", traceparent.as_str()), ("baggage", "tenant=acme,plan=pro%20plus")];
+        assert_eq!(signed_publish_with(a.port, &body, &headers).await.0, 200);
         if tokio::time::timeout(Duration::from_millis(200), sub.expect("t")).await.is_ok() {
             delivered = true;
             break;
@@ -504,6 +506,10 @@ async fn one_trace_across_nodes() {
     assert_eq!(crate::support::otlp::attr(remote, "messaging.batch.message_count").as_deref(), Some("1"));
     let http = spans.iter().find(|s| s.span_id == origin.parent_span_id).expect("broadcast's parent is the HTTP span");
     assert_eq!(hex(&http.parent_span_id), "b7ad6b7169203331");
+    for span in [http, remote] {
+        assert_eq!(crate::support::otlp::attr(span, "baggage.tenant").as_deref(), Some("acme"), "{}", span.name);
+        assert_eq!(crate::support::otlp::attr(span, "baggage.plan").as_deref(), Some("pro plus"), "{}", span.name);
+    }
     let instances: std::collections::HashSet<String> = rx
         .resources()
         .iter()

@@ -386,10 +386,14 @@ async fn requests_carry_the_events_trace() {
         ("LOG_LEVEL", "debug".to_owned()),
     ];
     let node = Process::start_with_args(&["--config", &file.to_string_lossy()], &env).await;
-    let mut c = node.client().await;
+    // Browsers cannot set headers on a WebSocket: the connection's baggage comes as a query
+    // parameter, and reaches the webhooks of what the socket does.
+    let url = format!("ws://127.0.0.1:{}/app/{KEY}?protocol=7&baggage=tenant%3Dacme", node.port);
+    let mut c = crate::support::Client::connect(&url).await;
     c.subscribe("traced-channel").await;
     rx.wait_for("/traced", json!({"name": "channel_occupied", "channel": "traced-channel"})).await;
     let hit = rx.hits().into_iter().next().unwrap();
+    assert_eq!(hit.header("baggage"), Some("tenant=acme"), "the request carries the event's baggage");
     let tp = hit.header("traceparent").expect("the request carries traceparent").to_owned();
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts.len(), 4, "{tp}");
@@ -413,6 +417,7 @@ async fn requests_carry_the_events_trace() {
     assert_eq!(attr(send, "http.request.method").as_deref(), Some("POST"));
     assert_eq!(attr(send, "server.address").as_deref(), Some("127.0.0.1"));
     assert_eq!(attr(send, "server.port"), Some(rx.port.to_string()));
+    assert_eq!(attr(send, "baggage.tenant").as_deref(), Some("acme"));
     for s in &spans {
         for kv in &s.attributes {
             let v = crate::support::otlp::kv_string(kv).1;

@@ -216,14 +216,20 @@ pub fn signed_query(
 /// or a child process), optionally inside the caller's trace. Returns the status and the
 /// signed query string it used.
 pub async fn signed_publish(port: u16, body: &str, traceparent: Option<&str>) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = traceparent.map(|tp| ("traceparent", tp)).into_iter().collect();
+    signed_publish_with(port, body, &headers).await
+}
+
+/// The same, with any request headers (`traceparent`, `baggage`, ...).
+pub async fn signed_publish_with(port: u16, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let path = format!("/apps/{APP_ID}/events");
     let query = signed_query(KEY, SECRET, "POST", &path, &[], Some(body), now());
     let mut req = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}{path}?{query}"))
         .header("content-type", "application/json")
         .body(body.to_owned());
-    if let Some(tp) = traceparent {
-        req = req.header("traceparent", tp);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let status = tokio::time::timeout(WAIT, req.send()).await.expect("publish in time").expect("publish").status();
     (status.as_u16(), query)
