@@ -633,7 +633,8 @@ class TestAlertmanager(unittest.TestCase):
 # ============================================================================ OpenTelemetry collector
 KNOWN_COMPONENTS = {
     "receivers": {"otlp", "prometheus", "hostmetrics", "filelog"},
-    "processors": {"batch", "memory_limiter", "resource", "attributes", "filter", "transform", "resourcedetection"},
+    "processors": {"batch", "memory_limiter", "resource", "attributes", "filter", "transform", "resourcedetection",
+                   "tail_sampling"},
     "exporters": {"otlp", "otlphttp", "prometheusremotewrite", "prometheus", "debug", "elasticsearch", "loki"},
     "extensions": {"health_check", "pprof", "zpages", "basicauth", "bearertokenauth"},
 }
@@ -688,12 +689,33 @@ class TestOtelCollector(unittest.TestCase):
                 self.assertEqual(exp["endpoint"], "${env:OTEL_VENDOR_ENDPOINT}")
                 self.assertTrue(any("${env:OTEL_VENDOR_API_KEY}" in str(v) for v in exp["headers"].values()))
 
+    def test_tail_sampling_collector(self):
+        """Tail sampling on errors and latency, on attributes the server really sets on the
+        spans it really makes (tests/it/telemetry.rs and cluster.rs assert those attributes)."""
+        path = rp("otel", "collector-tail-sampling.yaml")
+        cfg = self.check_structure(path)
+        traces = cfg["service"]["pipelines"]["traces"]["processors"]
+        self.assertEqual(traces, ["memory_limiter", "tail_sampling", "batch"], "sample before batching")
+        policies = {p["name"]: p for p in cfg["processors"]["tail_sampling"]["policies"]}
+        self.assertEqual(policies["errors"]["status_code"]["status_codes"], ["ERROR"])
+        self.assertGreater(policies["slow"]["latency"]["threshold_ms"], 0)
+        self.assertIn('attributes["sockudo.last_write_ms"]', policies["slow-fan-out"]["ottl_condition"]["span"][0])
+        self.assertEqual(policies["big-fan-out"]["numeric_attribute"]["key"], "sockudo.recipients")
+        self.assertEqual(policies["webhook-retry"]["numeric_attribute"]["key"], "sockudo.webhook.attempt")
+        self.assertLess(policies["baseline"]["probabilistic"]["sampling_percentage"], 100)
+        src = open(rp("src", "adapter", "mod.rs")).read() + open(rp("src", "channels", "socket.rs")).read()
+        for attr in ("sockudo.last_write_ms", "sockudo.recipients"):
+            self.assertIn(attr, src, f"{attr}: the server sets it")
+        self.assertIn("sockudo.webhook.attempt", open(rp("src", "webhooks", "sender.rs")).read())
+        known = {p["type"] for p in policies.values()}
+        self.assertLessEqual(known, {"status_code", "latency", "ottl_condition", "numeric_attribute", "probabilistic"})
+
     def test_otelcol_validate(self):
         binary = shutil.which("otelcol-contrib") or shutil.which("otelcol")
         if not binary:
             self.skipTest("no otelcol-contrib/otelcol binary from a package registry here")
         env = dict(os.environ, OTEL_VENDOR_ENDPOINT="https://vendor.invalid", OTEL_VENDOR_API_KEY="x")
-        for f in ("collector.yaml", "collector-vendor.yaml"):
+        for f in ("collector.yaml", "collector-vendor.yaml", "collector-tail-sampling.yaml"):
             r = subprocess.run([binary, "validate", "--config", rp("otel", f)], capture_output=True, text=True, env=env)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
