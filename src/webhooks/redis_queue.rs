@@ -160,7 +160,16 @@ impl RedisQueue {
     /// Up to `max` entries: new ones, or (with `claim`) ones idle for `claim_idle_ms` whoever
     /// took them.
     pub async fn take(&self, max: usize, claim: bool) -> Result<Vec<Taken>, Broken> {
-        let ids = if claim { self.claim(max).await? } else { self.read(max).await? };
+        let ids = match if claim { self.claim(max).await } else { self.read(max).await } {
+            Ok(ids) => ids,
+            // The group is gone (a Redis that restarted empty, or was flushed): make it again;
+            // whatever is in the stream now is read from its start.
+            Err(e) if says(&e, "NOGROUP") => {
+                self.create_group().await?;
+                Vec::new()
+            }
+            Err(e) => return Err(broken(e)),
+        };
         let mut taken = Vec::with_capacity(ids.len());
         for s in ids {
             match Self::parse(&s) {
@@ -176,26 +185,20 @@ impl RedisQueue {
         Ok(taken)
     }
 
-    async fn read(&self, max: usize) -> Result<Vec<StreamId>, Broken> {
+    async fn read(&self, max: usize) -> redis::RedisResult<Vec<StreamId>> {
         let mut pipe = redis::pipe();
         pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(max);
         pipe.arg("STREAMS").arg(&self.keys[0]).arg(">");
-        match self.commands.query::<(Option<StreamReadReply>,)>(&pipe).await {
-            Ok((reply,)) => Ok(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect()),
-            Err(e) if says(&e, "NOGROUP") => {
-                self.create_group().await?;
-                Ok(Vec::new())
-            }
-            Err(e) => Err(broken(e)),
-        }
+        let (reply,): (Option<StreamReadReply>,) = self.commands.query(&pipe).await?;
+        Ok(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect())
     }
 
-    async fn claim(&self, max: usize) -> Result<Vec<StreamId>, Broken> {
+    async fn claim(&self, max: usize) -> redis::RedisResult<Vec<StreamId>> {
         let start = self.cursor.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut pipe = redis::pipe();
         pipe.cmd("XAUTOCLAIM").arg(&self.keys[0]).arg(GROUP).arg(&self.consumer).arg(self.claim_idle_ms);
         pipe.arg(start).arg("COUNT").arg(max);
-        let (reply,): (StreamAutoClaimReply,) = self.commands.query(&pipe).await.map_err(broken)?;
+        let (reply,): (StreamAutoClaimReply,) = self.commands.query(&pipe).await?;
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = reply.next_stream_id;
         Ok(reply.claimed)
     }

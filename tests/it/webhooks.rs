@@ -545,3 +545,73 @@ async fn a_dead_nodes_members_are_reported_by_one_node() {
     carol.close().await;
     survivor.stop().await;
 }
+
+/// A `redis-server` of the test's own on `port`, without persistence (a restart empties it,
+/// which is what this test wants to survive: events waiting on the node are written again).
+async fn own_redis(port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server");
+    let up = eventually(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+    assert!(up, "redis-server on {port} did not start");
+    child
+}
+
+async fn up(server: &TestServer) -> (u16, String) {
+    let r = reqwest::get(server.http_url("/up")).await.expect("GET /up");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// The durable queue's broker goes away: `/up` says so, events caused meanwhile wait on the
+/// node (nothing is lost, nothing blocks the sockets), and when the broker is back they are
+/// written and delivered and `/up` is ready again.
+#[tokio::test]
+async fn a_broker_queue_outage_is_ridden_out_and_reported_by_readiness() {
+    let port = free_port();
+    let mut redis = own_redis(port).await;
+    let rx = Receiver::ok().await;
+    let node = server(vec![hook(rx.url("/q"), &["channel_occupied"])], move |c| {
+        c.webhooks.queue_driver = Some(sockudo::config::QueueDriver::Redis);
+        c.adapter.redis.url = format!("redis://127.0.0.1:{port}");
+        c.adapter.redis.prefix = format!("it-outage-{}", fastrand::u64(..));
+        c.webhooks.claim_idle_ms = 1000;
+    })
+    .await;
+    assert_eq!(up(&node).await, (200, "OK".to_owned()));
+    let mut c = node.client().await;
+    c.subscribe("before-outage").await;
+    rx.wait_for("/q", json!({"name": "channel_occupied", "channel": "before-outage"})).await;
+
+    redis.kill().await.unwrap();
+    let _ = redis.wait().await;
+    let reported =
+        eventually(WAIT, || async { up(&node).await == (503, "WEBHOOK QUEUE UNAVAILABLE".to_owned()) }).await;
+    assert!(reported, "/up: {:?}", up(&node).await);
+    for i in 0..5 {
+        c.subscribe(&format!("during-outage-{i}")).await;
+    }
+    assert_eq!(
+        node.metric("sockudo_webhook_queue_events", &[("app_id", APP_ID)]).await,
+        Some(5.0),
+        "waiting on the node"
+    );
+    assert!(rx.events("/q").iter().all(|e| !e["channel"].as_str().unwrap().starts_with("during")), "nothing sent yet");
+
+    let _redis = own_redis(port).await;
+    // The node reconnects on its own schedule (backoff up to 5 s), then writes what waited.
+    let delivered = eventually(Duration::from_secs(30), || async {
+        (0..5).all(|i| {
+            rx.events("/q").contains(&json!({"name": "channel_occupied", "channel": format!("during-outage-{i}")}))
+        })
+    })
+    .await;
+    assert!(delivered, "events waiting on the node were not delivered: {:#?}", rx.events("/q"));
+    let ready = eventually(WAIT, || async { up(&node).await.0 == 200 }).await;
+    assert!(ready, "/up after the broker returned: {:?}", up(&node).await);
+    assert_eq!(webhook_metric(&node, "dropped").await, 0.0);
+    c.close().await;
+    node.stop().await;
+}
