@@ -21,12 +21,32 @@ use super::durable::{Appended, Bounds, Broken, Entry, Receipt, Taken};
 
 pub(crate) struct NatsQueue {
     js: jetstream::Context,
-    queue: stream::Stream,
-    dead: stream::Stream,
-    consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// The streams and the consumer, made again after a failure (a NATS that came back without
+    /// its JetStream store has neither), at most once a second.
+    handles: std::sync::Mutex<Handles>,
+    configs: (stream::Config, stream::Config, pull::Config),
+    last_repair: std::sync::Mutex<Option<std::time::Instant>>,
     /// `<prefix>.webhooks.` and `<prefix>.dead.`
     subject: String,
     dead_subject: String,
+}
+
+#[derive(Clone)]
+struct Handles {
+    queue: stream::Stream,
+    dead: stream::Stream,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+}
+
+/// Makes (or finds) the two streams and the consumer.
+async fn handles(
+    js: &jetstream::Context,
+    c: &(stream::Config, stream::Config, pull::Config),
+) -> Result<Handles, Broken> {
+    let queue = js.get_or_create_stream(c.0.clone()).await.map_err(broken)?;
+    let dead = js.get_or_create_stream(c.1.clone()).await.map_err(broken)?;
+    let consumer = queue.get_or_create_consumer("sockudo", c.2.clone()).await.map_err(broken)?;
+    Ok(Handles { queue, dead, consumer })
 }
 
 fn broken(e: impl std::fmt::Display) -> Broken {
@@ -67,48 +87,64 @@ impl NatsQueue {
         let js = jetstream::new(client);
         let subject = format!("{prefix}.webhooks.");
         let dead_subject = format!("{prefix}.dead.");
-        let queue = js
-            .get_or_create_stream(stream::Config {
-                name: stream_name(prefix, "WEBHOOKS"),
-                subjects: vec![format!("{subject}*")],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                max_messages: bounds.total_events as i64,
-                max_messages_per_subject: bounds.app_events as i64,
-                max_bytes: (bounds.total_events as i64).saturating_mul(64 * 1024),
-                discard: stream::DiscardPolicy::New,
-                discard_new_per_subject: true,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(broken)?;
-        let dead = js
-            .get_or_create_stream(stream::Config {
-                name: stream_name(prefix, "WEBHOOKS_DEAD"),
-                subjects: vec![format!("{dead_subject}*")],
-                storage: stream::StorageType::File,
-                max_messages: dead_letter_max as i64,
-                discard: stream::DiscardPolicy::Old,
-                ..Default::default()
-            })
-            .await
-            .map_err(broken)?;
-        let consumer = queue
-            .get_or_create_consumer(
-                "sockudo",
-                pull::Config {
-                    durable_name: Some("sockudo".into()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: claim_idle,
-                    max_deliver: -1,
-                    max_ack_pending: 100_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(broken)?;
-        Ok(Self { js, queue, dead, consumer, subject, dead_subject })
+        let queue = stream::Config {
+            name: stream_name(prefix, "WEBHOOKS"),
+            subjects: vec![format!("{subject}*")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_messages: bounds.total_events as i64,
+            max_messages_per_subject: bounds.app_events as i64,
+            max_bytes: (bounds.total_events as i64).saturating_mul(64 * 1024),
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let dead = stream::Config {
+            name: stream_name(prefix, "WEBHOOKS_DEAD"),
+            subjects: vec![format!("{dead_subject}*")],
+            storage: stream::StorageType::File,
+            max_messages: dead_letter_max as i64,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        let consumer = pull::Config {
+            durable_name: Some("sockudo".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: claim_idle,
+            max_deliver: -1,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        let configs = (queue, dead, consumer);
+        let made = handles(&js, &configs).await?;
+        Ok(Self {
+            js,
+            handles: std::sync::Mutex::new(made),
+            configs,
+            last_repair: std::sync::Mutex::new(None),
+            subject,
+            dead_subject,
+        })
+    }
+
+    fn current(&self) -> Handles {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a failure: makes the streams and the consumer again if they are gone (at most
+    /// once a second; a broker that is down just fails again).
+    async fn repair(&self) {
+        {
+            let mut last = self.last_repair.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        if let Ok(made) = handles(&self.js, &self.configs).await {
+            *self.handles.lock().unwrap_or_else(|p| p.into_inner()) = made;
+        }
     }
 
     fn headers(entry: &Entry) -> HeaderMap {
@@ -169,14 +205,27 @@ impl NatsQueue {
     pub async fn append(&self, entries: &[&Entry]) -> Result<Vec<Appended>, Broken> {
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            out.push(self.publish(format!("{}{}", self.subject, hex::encode(&e.app)), e).await?);
+            match self.publish(format!("{}{}", self.subject, hex::encode(&e.app)), e).await {
+                Ok(a) => out.push(a),
+                Err(err) => {
+                    self.repair().await;
+                    return Err(err);
+                }
+            }
         }
         Ok(out)
     }
 
     /// Up to `max` messages, new or due again; waits up to `wait` for the first.
     pub async fn take(&self, max: usize, wait: Duration) -> Result<Vec<Taken>, Broken> {
-        let mut batch = self.consumer.fetch().max_messages(max).expires(wait).messages().await.map_err(broken)?;
+        let consumer = self.current().consumer;
+        let mut batch = match consumer.fetch().max_messages(max).expires(wait).messages().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.repair().await;
+                return Err(broken(e));
+            }
+        };
         let mut taken = Vec::new();
         while let Some(message) = batch.next().await {
             let message = message.map_err(broken)?;
@@ -212,7 +261,8 @@ impl NatsQueue {
 
     /// Each app's requests in the queue.
     pub async fn depth(&self) -> Result<Vec<(String, i64)>, Broken> {
-        let mut subjects = self.queue.info_with_subjects(format!("{}*", self.subject)).await.map_err(broken)?;
+        let mut subjects =
+            self.current().queue.info_with_subjects(format!("{}*", self.subject)).await.map_err(broken)?;
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, count) = item.map_err(broken)?;
@@ -231,14 +281,15 @@ impl NatsQueue {
             Some(a) => format!("{}{}", self.dead_subject, hex::encode(a)),
             None => format!("{}*", self.dead_subject),
         };
-        let info = self.dead.get_info().await.map_err(broken)?;
+        let dead = self.current().dead;
+        let info = dead.get_info().await.map_err(broken)?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let mut moved = 0;
         for seq in first..=last {
             if info.state.messages == 0 {
                 break;
             }
-            let Ok(raw) = self.dead.get_raw_message(seq).await else { continue };
+            let Ok(raw) = dead.get_raw_message(seq).await else { continue };
             if !subject_matches(&raw.subject, &filter) {
                 continue;
             }
@@ -257,7 +308,7 @@ impl NatsQueue {
                 }
                 return Err(Broken(text));
             }
-            self.dead.delete_message(seq).await.map_err(broken)?;
+            dead.delete_message(seq).await.map_err(broken)?;
             moved += 1;
         }
         Ok(moved)

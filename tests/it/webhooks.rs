@@ -546,17 +546,25 @@ async fn a_dead_nodes_members_are_reported_by_one_node() {
     survivor.stop().await;
 }
 
-/// A `redis-server` of the test's own on `port`, without persistence (a restart empties it,
-/// which is what this test wants to survive: events waiting on the node are written again).
-async fn own_redis(port: u16) -> tokio::process::Child {
-    let child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server");
+/// A broker of the test's own on `port`, without persistence: a restart empties it, which is
+/// what the outage test wants to survive (the queue's stream, group or consumer are made again
+/// and the events waiting on the node are written again).
+async fn own_broker(nats: bool, port: u16) -> tokio::process::Child {
+    let p = port.to_string();
+    let mut cmd = if nats {
+        let store = std::env::temp_dir().join(format!("sockudo-it-js-{}-{}", std::process::id(), fastrand::u64(..)));
+        let mut c = tokio::process::Command::new("nats-server");
+        c.args(["-a", "127.0.0.1", "-p", &p, "-js", "-sd", &store.to_string_lossy()]);
+        c
+    } else {
+        let mut c = tokio::process::Command::new("redis-server");
+        c.args(["--port", &p, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+        c
+    };
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).kill_on_drop(true).spawn();
+    let child = child.expect("start the broker");
     let up = eventually(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
-    assert!(up, "redis-server on {port} did not start");
+    assert!(up, "broker on {port} did not start");
     child
 }
 
@@ -566,17 +574,23 @@ async fn up(server: &TestServer) -> (u16, String) {
 }
 
 /// The durable queue's broker goes away: `/up` says so, events caused meanwhile wait on the
-/// node (nothing is lost, nothing blocks the sockets), and when the broker is back they are
-/// written and delivered and `/up` is ready again.
-#[tokio::test]
-async fn a_broker_queue_outage_is_ridden_out_and_reported_by_readiness() {
+/// node (nothing is lost, nothing blocks the sockets), and when a broker is back (empty) they
+/// are written and delivered and `/up` is ready again.
+async fn broker_outage(nats: bool) {
     let port = free_port();
-    let mut redis = own_redis(port).await;
+    let mut broker = own_broker(nats, port).await;
     let rx = Receiver::ok().await;
+    let prefix = format!("it-outage-{}", fastrand::u64(..));
     let node = server(vec![hook(rx.url("/q"), &["channel_occupied"])], move |c| {
-        c.webhooks.queue_driver = Some(sockudo::config::QueueDriver::Redis);
-        c.adapter.redis.url = format!("redis://127.0.0.1:{port}");
-        c.adapter.redis.prefix = format!("it-outage-{}", fastrand::u64(..));
+        if nats {
+            c.webhooks.queue_driver = Some(sockudo::config::QueueDriver::Nats);
+            c.adapter.nats.servers = vec![format!("nats://127.0.0.1:{port}")];
+            c.adapter.nats.prefix = prefix;
+        } else {
+            c.webhooks.queue_driver = Some(sockudo::config::QueueDriver::Redis);
+            c.adapter.redis.url = format!("redis://127.0.0.1:{port}");
+            c.adapter.redis.prefix = prefix;
+        }
         c.webhooks.claim_idle_ms = 1000;
     })
     .await;
@@ -585,22 +599,28 @@ async fn a_broker_queue_outage_is_ridden_out_and_reported_by_readiness() {
     c.subscribe("before-outage").await;
     rx.wait_for("/q", json!({"name": "channel_occupied", "channel": "before-outage"})).await;
 
-    redis.kill().await.unwrap();
-    let _ = redis.wait().await;
-    let reported =
-        eventually(WAIT, || async { up(&node).await == (503, "WEBHOOK QUEUE UNAVAILABLE".to_owned()) }).await;
+    broker.kill().await.unwrap();
+    let _ = broker.wait().await;
+    let reported = eventually(Duration::from_secs(15), || async {
+        up(&node).await == (503, "WEBHOOK QUEUE UNAVAILABLE".to_owned())
+    })
+    .await;
     assert!(reported, "/up: {:?}", up(&node).await);
     for i in 0..5 {
         c.subscribe(&format!("during-outage-{i}")).await;
     }
-    assert_eq!(
-        node.metric("sockudo_webhook_queue_events", &[("app_id", APP_ID)]).await,
-        Some(5.0),
-        "waiting on the node"
+    let waiting = eventually(WAIT, || async {
+        node.metric("sockudo_webhook_queue_events", &[("app_id", APP_ID)]).await == Some(5.0)
+    })
+    .await;
+    assert!(
+        waiting,
+        "5 events wait on the node: {:?}",
+        node.metric("sockudo_webhook_queue_events", &[("app_id", APP_ID)]).await
     );
     assert!(rx.events("/q").iter().all(|e| !e["channel"].as_str().unwrap().starts_with("during")), "nothing sent yet");
 
-    let _redis = own_redis(port).await;
+    let _broker = own_broker(nats, port).await;
     // The node reconnects on its own schedule (backoff up to 5 s), then writes what waited.
     let delivered = eventually(Duration::from_secs(30), || async {
         (0..5).all(|i| {
@@ -609,9 +629,19 @@ async fn a_broker_queue_outage_is_ridden_out_and_reported_by_readiness() {
     })
     .await;
     assert!(delivered, "events waiting on the node were not delivered: {:#?}", rx.events("/q"));
-    let ready = eventually(WAIT, || async { up(&node).await.0 == 200 }).await;
+    let ready = eventually(Duration::from_secs(15), || async { up(&node).await.0 == 200 }).await;
     assert!(ready, "/up after the broker returned: {:?}", up(&node).await);
     assert_eq!(webhook_metric(&node, "dropped").await, 0.0);
     c.close().await;
     node.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_queue_outage_is_ridden_out_and_reported_by_readiness() {
+    broker_outage(false).await;
+}
+
+#[tokio::test]
+async fn a_nats_queue_outage_is_ridden_out_and_reported_by_readiness() {
+    broker_outage(true).await;
 }
