@@ -6,7 +6,7 @@
 //! - the **journal** takes the batcher's requests and appends them in order ([`Queue::append`]).
 //!   While the broker is down they wait here, still holding their places under the node's
 //!   and their app's bounds (so the buffer is bounded and new events beyond it are dropped and
-//!   counted), and readiness reports the queue unavailable. A request the broker refuses (its
+//!   counted), and readiness reports the queue unavailable until they are written. A request the broker refuses (its
 //!   app's or the whole queue's bound) is dropped and counted.
 //! - the **consumer** takes requests from the broker, new ones and (every half
 //!   `claim_idle_ms`) ones another node took and stopped working on, and delivers each with
@@ -222,7 +222,8 @@ pub(crate) struct Durable {
     dead_letter_max: usize,
     claim_idle: Duration,
     pub(crate) journal: mpsc::Sender<Pending>,
-    /// Whether the broker answered the last call.
+    /// False while the journal holds requests the broker will not take: readiness. (A failed
+    /// read only delays deliveries; it makes no node unfit for traffic.)
     available: AtomicBool,
     /// The journal appended: the consumer need not wait for its next poll.
     appended: Notify,
@@ -258,22 +259,23 @@ impl Durable {
         (durable, rx)
     }
 
-    /// Whether the broker's queue answers (readiness).
+    /// Whether events can reach the broker's queue (readiness): false while some wait on this
+    /// node because the broker does not take them.
     pub fn available(&self) -> bool {
         self.available.load(Ordering::Acquire)
     }
 
     fn broke(&self, what: &str, e: &Broken) {
-        self.available.store(false, Ordering::Release);
         let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             tracing::warn!(error = %e, errors = n, "webhook queue: {what} failed; retrying");
         }
     }
 
-    fn answered(&self) {
+    /// The journal wrote what waited: ready again.
+    fn written(&self) {
         if !self.available.swap(true, Ordering::AcqRel) {
-            tracing::info!("webhook queue reachable again");
+            tracing::info!("webhook queue reachable again; the events that waited are written");
         }
     }
 }
@@ -311,7 +313,7 @@ pub(crate) async fn journal(
         let entries: Vec<&Entry> = buf.iter().take(APPEND_BATCH).map(|p| &p.entry).collect();
         match durable.queue.append(&entries, &durable.bounds).await {
             Ok(results) => {
-                durable.answered();
+                durable.written();
                 backoff = Duration::from_millis(50);
                 for result in results {
                     let Some(p) = buf.pop_front() else { break };
@@ -326,6 +328,7 @@ pub(crate) async fn journal(
                 durable.appended.notify_one();
             }
             Err(e) => {
+                durable.available.store(false, Ordering::Release);
                 durable.broke("append", &e);
                 if *phase.borrow() == Phase::Abort {
                     for p in buf.drain(..) {
@@ -369,9 +372,6 @@ pub(crate) async fn consume(webhooks: Arc<Webhooks>, durable: Arc<Durable>) {
             t = durable.queue.take(room, claim) => t,
             _ = phase.changed() => continue,
         };
-        if taken.is_ok() {
-            durable.answered();
-        }
         match taken {
             Ok(list) if list.is_empty() && !claim => {
                 if let Queue::Redis(_) = durable.queue {

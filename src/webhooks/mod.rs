@@ -326,7 +326,21 @@ impl Webhooks {
         node: &str,
     ) -> Result<Arc<Self>, ConfigError> {
         validate(config)?;
-        let (durable, journal_rx) = match durable::Queue::connect(config, node).await? {
+        let queue = match durable::Queue::connect(config, node).await {
+            Ok(q) => q,
+            // Not asked for, only implied by the adapter: a broker that cannot hold the queue
+            // (a NATS without JetStream, a Redis without streams) keeps webhooks in memory.
+            Err(e) if config.webhooks.queue_driver.is_none() => {
+                tracing::warn!(
+                    error = %e,
+                    "the adapter's broker cannot hold the webhook queue; webhooks wait in memory \
+                     (set webhooks.queue_driver to require the broker)"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let (durable, journal_rx) = match queue {
             Some(queue) => {
                 let (d, rx) = durable::Durable::new(queue, config);
                 (Some(d), Some(rx))
@@ -381,12 +395,14 @@ impl Webhooks {
             journal_closing,
             dropped: AtomicU64::new(0),
         });
+        let shared_durable = durable.is_some();
         if let Some(d) = durable {
             // Both end when shutdown begins (the phase changes).
             tokio::spawn(durable::consume(webhooks.clone(), d.clone()));
             tokio::spawn(durable::depth(webhooks.clone(), d));
         }
-        tracing::info!(queue = w.queue(config.adapter.driver).as_str(), "webhook queue ready");
+        let kind = if shared_durable { w.queue(config.adapter.driver).as_str() } else { "memory" };
+        tracing::info!(queue = kind, "webhook queue ready");
         Ok(webhooks)
     }
 

@@ -573,9 +573,9 @@ async fn up(server: &TestServer) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap_or_default())
 }
 
-/// The durable queue's broker goes away: `/up` says so, events caused meanwhile wait on the
-/// node (nothing is lost, nothing blocks the sockets), and when a broker is back (empty) they
-/// are written and delivered and `/up` is ready again.
+/// The durable queue's broker goes away: events caused meanwhile wait on the node (nothing is
+/// lost, nothing blocks the sockets) and `/up` says so while they wait; when a broker is back
+/// (empty) they are written and delivered and `/up` is ready again.
 async fn broker_outage(nats: bool) {
     let port = free_port();
     let mut broker = own_broker(nats, port).await;
@@ -601,14 +601,16 @@ async fn broker_outage(nats: bool) {
 
     broker.kill().await.unwrap();
     let _ = broker.wait().await;
+    // Nothing waits yet: the node is fit for traffic, the broker is only needed for webhooks.
+    assert_eq!(up(&node).await.0, 200);
+    for i in 0..5 {
+        c.subscribe(&format!("during-outage-{i}")).await;
+    }
     let reported = eventually(Duration::from_secs(15), || async {
         up(&node).await == (503, "WEBHOOK QUEUE UNAVAILABLE".to_owned())
     })
     .await;
-    assert!(reported, "/up: {:?}", up(&node).await);
-    for i in 0..5 {
-        c.subscribe(&format!("during-outage-{i}")).await;
-    }
+    assert!(reported, "/up while events wait for the broker: {:?}", up(&node).await);
     let waiting = eventually(WAIT, || async {
         node.metric("sockudo_webhook_queue_events", &[("app_id", APP_ID)]).await == Some(5.0)
     })
@@ -644,4 +646,55 @@ async fn a_redis_queue_outage_is_ridden_out_and_reported_by_readiness() {
 #[tokio::test]
 async fn a_nats_queue_outage_is_ridden_out_and_reported_by_readiness() {
     broker_outage(true).await;
+}
+
+/// A NATS server without JetStream cannot hold the queue: implied by the adapter, webhooks stay
+/// in memory (with a warning) and still arrive; asked for explicitly, startup fails with exit 64
+/// naming the broker's key.
+#[tokio::test]
+async fn a_broker_without_jetstream_keeps_webhooks_in_memory_unless_required() {
+    let port = free_port();
+    let child = tokio::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server");
+    let up = eventually(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+    assert!(up, "nats-server did not start");
+    let rx = Receiver::ok().await;
+    let dir = std::env::temp_dir().join(format!("sockudo-nojs-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.json");
+    let cfg = json!({
+        "adapter": {"driver": "nats", "nats": {"servers": [format!("nats://127.0.0.1:{port}")],
+                    "prefix": format!("it-nojs-{}", fastrand::u64(..))}},
+        "webhooks": {"batch_ms": 10},
+        "app_manager": {"array": {"apps": [{
+            "id": APP_ID, "key": KEY, "secret": SECRET,
+            "webhooks": [{"url": rx.url("/m"), "event_types": ["channel_occupied"]}]
+        }]}}
+    });
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let node = Process::start_with_args(&["--config", &file.to_string_lossy()], &[]).await;
+    let mut c = node.client().await;
+    c.subscribe("in-memory").await;
+    rx.wait_for("/m", json!({"name": "channel_occupied", "channel": "in-memory"})).await;
+    assert!(node.logged("cannot hold the webhook queue"), "the fallback is logged");
+    c.close().await;
+    node.stop().await;
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sockudo"))
+        .args(["--config", &file.to_string_lossy()])
+        .env("HOST", "127.0.0.1")
+        .env("PORT", free_port().to_string())
+        .env("METRICS_ENABLED", "false")
+        .env("WEBHOOK_QUEUE_DRIVER", "nats")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("adapter.nats.servers") && err.contains("webhooks.queue_driver"), "{err}");
+    drop(child);
 }
