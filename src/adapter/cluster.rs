@@ -21,13 +21,9 @@ use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
-use super::transport::{Outgoing, Place, QUEUE};
+use super::lanes::{Full, Lanes};
 use crate::app::App;
 use crate::telemetry::logs::Sparse;
-
-/// Envelopes of one app in the outgoing queue at most: a quarter of it, so that a flood from
-/// one app leaves the rest for the others (and for the nodes' own heartbeats and answers).
-pub const APP_SHARE: usize = QUEUE / 4;
 
 /// What travels between nodes. Every variant names its sender (`n`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,7 +308,7 @@ pub enum PresenceEvent {
 /// The replicated cluster state of one node.
 pub struct Cluster {
     pub node: Arc<str>,
-    out: mpsc::Sender<Outgoing>,
+    out: Arc<Lanes>,
     nodes: Mutex<HashMap<Arc<str>, Instant>>,
     pending: Mutex<HashMap<u64, mpsc::Sender<Value>>>,
     presence: Mutex<HashMap<PresenceKey, HashMap<String, Member>>>,
@@ -344,7 +340,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Cluster {
     pub fn new(
         node: &str,
-        out: mpsc::Sender<Outgoing>,
+        out: Arc<Lanes>,
         request_timeout: Duration,
         node_timeout: Duration,
         signer: Option<Signer>,
@@ -373,29 +369,25 @@ impl Cluster {
     /// Queues a node envelope (heartbeat, snapshot, query, ...) for the broker, sealed once
     /// when signing is on; a full queue drops it (counted, logged sparsely).
     pub fn send(&self, header: &Header, body: &[u8]) {
-        self.queue(header, body, None);
+        self.queue(None, header, body);
     }
 
-    /// Queues an envelope caused by `app`'s traffic: an app holds at most [`APP_SHARE`] of the
-    /// outgoing queue, so that one app flooding a slow broker link drops its own envelopes and
-    /// not the other apps'.
+    /// Queues an envelope caused by `app`'s traffic in the app's lane of the outgoing queue
+    /// ([`Lanes`]): apps take turns on the link, and one app flooding a slow link fills only
+    /// its own lane and drops only its own envelopes.
     pub fn send_for(&self, app: &App, header: &Header, body: &[u8]) {
-        let share = &app.link_queued;
-        if share.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < APP_SHARE).then_some(n + 1)).is_err() {
-            self.dropped_one("an app's share of the cluster outbox is full; its envelopes dropped");
-            return;
-        }
-        self.queue(header, body, Some(Place(share.clone())));
+        self.queue(Some(&app.id), header, body);
     }
 
-    fn queue(&self, header: &Header, body: &[u8], place: Option<Place>) {
+    fn queue(&self, app: Option<&str>, header: &Header, body: &[u8]) {
         let payload = match &self.signer {
             Some(s) => s.seal(&self.node, unix_millis(), header, body),
             None => encode(header, body),
         };
-        // A refused envelope gives its app's place back as it drops.
-        if self.out.try_send(Outgoing { payload, place }).is_err() {
-            self.dropped_one("cluster outbox full; envelopes dropped");
+        match self.out.push(app, payload) {
+            Ok(()) => {}
+            Err(Full::App) => self.dropped_one("an app's lane of the cluster outbox is full; its envelopes dropped"),
+            Err(Full::Queue) => self.dropped_one("cluster outbox full; envelopes dropped"),
         }
     }
 
@@ -643,44 +635,37 @@ mod tests {
     use super::*;
 
     fn cluster() -> Cluster {
-        let (tx, _rx) = mpsc::channel(16);
-        Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None)
+        Cluster::new("me", Arc::new(Lanes::new(16, 16)), Duration::from_millis(100), Duration::from_secs(5), None)
     }
 
     fn heartbeat(n: &str) -> Header {
         Header::Heartbeat { n: n.into() }
     }
 
-    /// A broker link that does not drain: app a fills its share and no more, app b and the
-    /// node's own envelopes still go, and a place comes back when the publisher takes one.
-    #[test]
-    fn one_app_holds_at_most_its_share_of_the_outbox() {
+    /// A broker link that does not drain: app a fills its lane and no more, app b and the
+    /// node's own envelopes still go, and the publisher takes them in turns.
+    #[tokio::test]
+    async fn one_app_holds_at_most_its_lane_of_the_outbox() {
         use opentelemetry::metrics::MeterProvider as _;
         let provider = opentelemetry_sdk::metrics::SdkMeterProvider::default();
         let metrics = crate::telemetry::Metrics::new(&provider.meter("test"), 0);
         let app = |id: &str| App::new(crate::config::AppConfig { id: id.into(), ..Default::default() }, &metrics);
         let (a, b) = (app("a"), app("b"));
-        let (tx, mut rx) = mpsc::channel(QUEUE);
-        let cluster = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None);
-        for _ in 0..APP_SHARE + 10 {
-            cluster.send_for(&a, &heartbeat("me"), b"x");
+        let lanes = Arc::new(Lanes::new(100, 25));
+        let cluster = Cluster::new("me", lanes.clone(), Duration::from_millis(100), Duration::from_secs(5), None);
+        for _ in 0..35 {
+            cluster.send_for(&a, &heartbeat("me"), b"a");
         }
         assert_eq!(cluster.drops().out_queue_full, 10);
-        assert_eq!(a.link_queued.load(Ordering::Acquire), APP_SHARE);
-        cluster.send_for(&b, &heartbeat("me"), b"x");
-        cluster.send(&heartbeat("me"), b"");
+        cluster.send_for(&b, &heartbeat("me"), b"b");
+        cluster.send(&heartbeat("me"), b"n");
         assert_eq!(cluster.drops().out_queue_full, 10, "b's and the node's envelopes are queued");
-        assert_eq!(b.link_queued.load(Ordering::Acquire), 1);
-        drop(rx.try_recv().unwrap());
-        assert_eq!(a.link_queued.load(Ordering::Acquire), APP_SHARE - 1, "taken by the publisher: the place is back");
-        cluster.send_for(&a, &heartbeat("me"), b"x");
-        assert_eq!(cluster.drops().out_queue_full, 10);
-        // A full link refuses an envelope and gives its place back.
-        let (tx, _rx) = mpsc::channel(1);
-        let full = Cluster::new("me", tx, Duration::from_millis(100), Duration::from_secs(5), None);
-        full.send(&heartbeat("me"), b"");
-        full.send_for(&b, &heartbeat("me"), b"x");
-        assert_eq!((full.drops().out_queue_full, b.link_queued.load(Ordering::Acquire)), (1, 1));
+        let mut out = Vec::new();
+        lanes.take(&mut out, 3).await;
+        let bodies: Vec<&[u8]> = out.iter().map(|e| e.split(|c| *c == b'\n').nth(1).unwrap()).collect();
+        assert_eq!(bodies, [&b"n"[..], b"a", b"b"], "the node's first, then a and b in turn");
+        cluster.send_for(&a, &heartbeat("me"), b"a");
+        assert_eq!(cluster.drops().out_queue_full, 10, "a's lane has room again");
     }
 
     #[test]
@@ -724,10 +709,9 @@ mod tests {
     #[test]
     fn a_signed_cluster_rejects_and_counts_what_it_cannot_trust() {
         let secret = b"0123456789abcdef-cluster";
-        let (tx, _rx) = mpsc::channel(16);
         let c = Cluster::new(
             "me",
-            tx,
+            Arc::new(Lanes::new(16, 16)),
             Duration::from_millis(100),
             Duration::from_secs(5),
             Signer::new(secret, "sockudo").ok(),

@@ -10,6 +10,7 @@
 //! channel with subscribers on it alone or on no node at all (see [`Adapter::occupancy_changed`]).
 
 pub mod cluster;
+pub mod lanes;
 pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::lanes::Lanes;
 use crate::config::{NatsConfig, RedisConfig};
 use crate::redis_client::{Commands, Redis, SetupError, Target, CONNECT_TIMEOUT};
 
@@ -24,25 +25,18 @@ use crate::redis_client::{Commands, Redis, SetupError, Target, CONNECT_TIMEOUT};
 pub const QUEUE: usize = 65_536;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// An envelope on its way to the broker, and the app's place in the queue it holds until the
-/// publisher takes it (see [`Cluster::send_for`](super::cluster::Cluster::send_for)).
-pub struct Outgoing {
-    pub payload: Bytes,
-    pub place: Option<Place>,
-}
+/// One app's share of the outgoing queue: a quarter, so that a flood from one app leaves the
+/// rest for the others and for the node's own envelopes.
+pub const APP_SHARE: usize = QUEUE / 4;
 
-/// One envelope counted against its app's share of the outgoing queue; uncounted on drop.
-pub struct Place(pub Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+fn outgoing_lanes() -> Arc<Lanes> {
+    Arc::new(Lanes::new(QUEUE, APP_SHARE))
 }
 
 /// A connected broker: send envelopes, receive everyone's (including, on Redis, our own).
 pub struct Link {
-    pub outgoing: mpsc::Sender<Outgoing>,
+    /// Envelopes to publish, in per-app lanes taken in turns ([`Lanes`]).
+    pub outgoing: Arc<Lanes>,
     pub incoming: mpsc::Receiver<Bytes>,
     /// Whether the subscription is up right now.
     pub connected: watch::Receiver<bool>,
@@ -83,17 +77,17 @@ fn spawn_publisher(
     commands: Arc<Commands>,
     command: &'static str,
     topic: String,
-    mut out_rx: mpsc::Receiver<Outgoing>,
+    out: Arc<Lanes>,
     drops: Arc<Drops>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
         let mut failed_batches = 0u64;
-        while out_rx.recv_many(&mut batch, 256).await > 0 {
+        while out.take(&mut batch, 256).await > 0 {
             let mut pipe = redis::pipe();
             let count = batch.len() as u64;
-            for out in batch.drain(..) {
-                pipe.cmd(command).arg(&topic).arg(&out.payload[..]).ignore();
+            for payload in batch.drain(..) {
+                pipe.cmd(command).arg(&topic).arg(&payload[..]).ignore();
             }
             if let Err(err) = commands.query::<()>(&pipe).await {
                 drops.outgoing.fetch_add(count, Ordering::Relaxed);
@@ -128,7 +122,8 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
         .await
         .map_err(|_| target.fail(&"timed out"))?
         .map_err(|e| target.fail(&e))?;
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(QUEUE);
+    let out_tx = outgoing_lanes();
+    let out_rx = out_tx.clone();
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (up_tx, up_rx) = watch::channel(true);
     let drops = Arc::new(Drops::default());
@@ -197,7 +192,8 @@ pub async fn redis(config: &RedisConfig) -> Result<Link, SetupError> {
 async fn redis_cluster(target: Redis, prefix: &str) -> Result<Link, SetupError> {
     // A hash tag would not change anything (one topic is one slot); the name stays as on Redis.
     let topic = format!("{prefix}#cluster");
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(QUEUE);
+    let out_tx = outgoing_lanes();
+    let out_rx = out_tx.clone();
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (up_tx, up_rx) = watch::channel(true);
     let drops = Arc::new(Drops::default());
@@ -281,14 +277,18 @@ pub async fn nats(config: &NatsConfig) -> Result<Link, SetupError> {
     up_tx.send_replace(true);
     let subject = format!("{prefix}.cluster");
     let mut subscription = client.subscribe(subject.clone()).await.map_err(|e| fail(&e))?;
-    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(QUEUE);
+    let out_tx = outgoing_lanes();
+    let out_rx = out_tx.clone();
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let drops = Arc::new(Drops::default());
     let pub_drops = drops.clone();
     let publisher_task = tokio::spawn(async move {
-        while let Some(out) = out_rx.recv().await {
-            if client.publish(subject.clone(), out.payload).await.is_err() {
-                pub_drops.outgoing.fetch_add(1, Ordering::Relaxed);
+        let mut batch = Vec::with_capacity(64);
+        while out_rx.take(&mut batch, 64).await > 0 {
+            for payload in batch.drain(..) {
+                if client.publish(subject.clone(), payload).await.is_err() {
+                    pub_drops.outgoing.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     });

@@ -31,9 +31,6 @@ pub struct App {
     /// Told when the app store replaces this app (its row changed) or removes it, so that open
     /// sockets follow: a disabled app's sockets close, a rotated secret signs the next auth.
     replaced: watch::Sender<Replaced>,
-    /// Envelopes of this app waiting in this node's broker link ([`crate::adapter`]), so that
-    /// one app cannot fill the link's queue for the others.
-    pub link_queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What became of an `App` that open sockets hold.
@@ -71,7 +68,6 @@ impl App {
             settings,
             connections,
             replaced: watch::Sender::new(Replaced::Current),
-            link_queued: Arc::default(),
         }
     }
 
