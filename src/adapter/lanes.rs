@@ -116,7 +116,8 @@ impl Lanes {
     }
 
     /// Envelopes queued now (all lanes).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().total
     }
 }
@@ -160,9 +161,11 @@ mod tests {
         assert_eq!(lanes.push(None, b("n")), Err(Full::Queue));
         let mut out = Vec::new();
         lanes.take(&mut out, 2).await;
-        lanes.push(Some("a"), b("a")).unwrap_err();
+        assert_eq!(out, [b("n"), b("a")]);
+        lanes.push(Some("a"), b("a")).unwrap();
+        assert_eq!(lanes.push(Some("a"), b("a")), Err(Full::App), "a's lane is full again");
         lanes.push(Some("c"), b("c")).unwrap();
-        assert_eq!(lanes.len(), 4);
+        assert_eq!(lanes.len(), 5);
     }
 
     #[tokio::test]
