@@ -145,6 +145,14 @@ else
   FAIL=$((FAIL + 1)); FAILED+=("test_assets.py did not run")
 fi
 
+# ------------------------------------------------------------------ Kubernetes manifests (python)
+if ! "$PY" -c 'import kubernetes_validate' 2>/dev/null; then
+  echo "installing kubernetes-validate ..."
+  "$PY" -m pip install --quiet --disable-pip-version-check kubernetes-validate >/dev/null 2>&1 || true
+fi
+run "tests/ops/test_k8s.py (kustomize render, strict schemas, seed relabelling, Dockerfile, PrometheusRule)" \
+  "$PY" tests/ops/test_k8s.py
+
 # ------------------------------------------------------------------ live.sh self-test (fake exporter)
 live_selftest() {
   "$PY" tests/ops/fake_exporter.py --port 0 --port-file "$TMP/fake.port" --seconds 180 &
