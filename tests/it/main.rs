@@ -11,6 +11,7 @@ mod clients;
 mod cluster;
 mod cluster_signing;
 mod config;
+mod durable_webhooks;
 mod fuzz_regressions;
 mod hostile;
 mod isolation;

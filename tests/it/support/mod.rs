@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod brokers;
 pub mod otlp;
 pub mod process;
 pub mod tls;
