@@ -44,6 +44,8 @@ const CAP_PER_WORKER: usize = 4;
 const CAP_PER_APP_IN_FLIGHT: usize = 4;
 /// Requests the journal appends in one round trip.
 const APPEND_BATCH: usize = 64;
+/// An append the broker has not answered within this is a failure (retried, with the same ids).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The broker could not be reached or answered with an error.
 #[derive(Debug)]
@@ -311,7 +313,12 @@ pub(crate) async fn journal(
             }
         }
         let entries: Vec<&Entry> = buf.iter().take(APPEND_BATCH).map(|p| &p.entry).collect();
-        match durable.queue.append(&entries, &durable.bounds).await {
+        // Bounded: a NATS client buffers publishes while it reconnects and answers only when
+        // its own timeout ends; readiness should not wait for that.
+        let appended = tokio::time::timeout(APPEND_TIMEOUT, durable.queue.append(&entries, &durable.bounds))
+            .await
+            .unwrap_or_else(|_| Err(Broken("no answer from the broker in time".into())));
+        match appended {
             Ok(results) => {
                 durable.written();
                 backoff = Duration::from_millis(50);

@@ -606,7 +606,7 @@ async fn broker_outage(nats: bool) {
     for i in 0..5 {
         c.subscribe(&format!("during-outage-{i}")).await;
     }
-    let reported = eventually(Duration::from_secs(15), || async {
+    let reported = eventually(Duration::from_secs(30), || async {
         up(&node).await == (503, "WEBHOOK QUEUE UNAVAILABLE".to_owned())
     })
     .await;
