@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Webhook load for benches/webhooks.sh (Python 3.11, stdlib only, loopback only).
 
-    python3 benches/webhook_load.py sink --port P --secret S [--stats-file F]
+    python3 benches/webhook_load.py sink --port P --secret S [--stats-file F] [--stall-at N --stall-ms M]
     python3 benches/webhook_load.py produce --port P --sink-port Q --rate R --duration T ...
     python3 benches/webhook_load.py nats-delete --port 4222 STREAM...
 
@@ -10,13 +10,17 @@ the X-Pusher-Signature (HMAC-SHA256 of the body with the app secret), reads the 
 `{"time_ms": ..., "events": [...]}` and, for each `client_event` whose data is `SEQ:NANOS`,
 records the delay from NANOS (CLOCK_MONOTONIC of the producer, the same clock system-wide) to
 the moment the request's body was in. GET /stats gives the counts, GET /report everything.
+With --stall-at N it holds its answer to the Nth request for --stall-ms (a receiver's pause).
 
 produce: opens --sockets WebSocket connections to the server (`/app/KEY?protocol=7`), each
 subscribes to its own private channel (auth: HMAC-SHA256 of `socket_id:channel` with the
 secret), then sends --rate client events per second in all for --duration seconds on a fixed
 schedule (every 2 ms whatever is due, round-robin over the sockets), the data of each being
 `SEQ:NANOS` taken just before its write. Then it waits until the sink has every event or
---drain seconds have passed, and prints one JSON object: what was sent, the sink's report,
+--drain seconds have passed (with --metrics-port, the events the server counted as dropped
+are not waited for), and prints one JSON object: what was sent, the sink's report
+(with the events received at most --grace seconds after the last write: on time; the others
+are late),
 the CPU seconds of the server (--server-pid), of the broker (--broker-pid), of itself and of
 the sink (--sink-pid), and of the rest of the machine ("other load"), over the sending window
 and the drain.
@@ -124,13 +128,15 @@ class State:
         self.last_recv = None
         self.first_recv = None
         self.recv_per_second = {}
+        self.recv_ns = []
 
     def stats(self):
         with self.lock:
             return {"requests": self.requests, "events": self.events, "unique": len(self.seen),
                     "duplicates": self.duplicates}
 
-    def report(self):
+    def report(self, until=None):
+        """Everything; with `until` (monotonic ns) also the events received by then."""
         with self.lock:
             d = sorted(self.delays_ns)
             sizes = sorted(self.batch_sizes)
@@ -145,7 +151,10 @@ class State:
             if self.first_send is not None and self.last_recv is not None:
                 span = (self.last_recv - self.first_send) / 1e9
             unique = len(self.seen)
+            on_time = None if until is None else sum(1 for t in self.recv_ns if t <= until)
             return {
+                "on_time_until_ns": until,
+                "on_time_events": on_time,
                 "requests": self.requests,
                 "duplicate_requests": self.duplicate_requests,
                 "bad_signatures": self.bad_signatures,
@@ -200,6 +209,7 @@ class State:
                 self.seen.add(seq)
                 self.recv_per_second[sec] = self.recv_per_second.get(sec, 0) + 1
                 self.delays_ns.append(recv_ns - sent)
+                self.recv_ns.append(recv_ns)
                 if self.first_send is None or sent < self.first_send:
                     self.first_send = sent
 
@@ -214,6 +224,8 @@ def sink(args):
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n)
             recv_ns = time.monotonic_ns()
+            if args.stall_at and state.requests + 1 == args.stall_at:
+                time.sleep(args.stall_ms / 1000)  # a receiver hiccup, on request --stall-at
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -224,7 +236,8 @@ def sink(args):
             if self.path.startswith("/stats"):
                 out = state.stats()
             elif self.path.startswith("/report"):
-                out = state.report()
+                q = self.path.partition("?until=")[2]
+                out = state.report(int(q) if q.isdigit() else None)
             else:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -381,6 +394,19 @@ def reader(conns, stop, counts):
                         counts["error_samples"].append(payload[:200].decode(errors="replace"))
 
 
+def dropped(metrics_port):
+    """The server's sockudo_webhooks_total{outcome="dropped"} (events), or 0."""
+    if not metrics_port:
+        return 0
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0
+    return sum(float(line.rsplit(None, 1)[1]) for line in text.splitlines()
+               if line.startswith("sockudo_webhooks_total{") and 'outcome="dropped"' in line)
+
+
 def get_json(port, path):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return json.loads(r.read())
@@ -438,17 +464,25 @@ def produce(args):
         else:
             time.sleep(max(0.0, min(tick, start + sent / args.rate - now)))
     send_seconds = time.monotonic() - start
-    # Drain: until the sink has every event (or --drain seconds).
+    last_send_ns = time.monotonic_ns()
+    # Drain: until the sink has every event that the server did not drop (or --drain seconds).
     deadline = time.monotonic() + args.drain
-    stats = get_json(args.sink_port, "/stats")
-    while stats["unique"] < sent and time.monotonic() < deadline:
+    stats, gone, polls = get_json(args.sink_port, "/stats"), 0, 0
+    while stats["unique"] + gone < sent and time.monotonic() < deadline:
         time.sleep(0.05)
         stats = get_json(args.sink_port, "/stats")
-    drained = stats["unique"] >= sent
+        polls += 1
+        if polls % 5 == 0:
+            gone = dropped(args.metrics_port)
+    drained = stats["unique"] + gone >= sent
     cpu = meter.stop()
     stop.set()
     rd.join(1)
-    report = get_json(args.sink_port, "/report")
+    # On time: received at most --grace seconds after the last event was written.
+    until = last_send_ns + int(args.grace * 1e9)
+    while time.monotonic_ns() < until:
+        time.sleep(0.05)
+    report = get_json(args.sink_port, f"/report?until={until}")
     delivered = report["unique_events"]
     per_event = lambda k: (cpu[k] / delivered * 1e6) if delivered and cpu.get(k) is not None else None  # noqa: E731
     out = {
@@ -467,6 +501,10 @@ def produce(args):
         "drained": drained,
         "drain_wait_seconds": time.monotonic() - (deadline - args.drain),
         "lost": sent - delivered,
+        "grace_seconds": args.grace,
+        "late": delivered - (report["on_time_events"] or 0),
+        # Events delivered on time per second of sending: the offered rate when all are on time.
+        "on_time_per_second": (report["on_time_events"] or 0) / send_seconds if send_seconds else None,
         "quiet_wait_seconds": waited,
         "sink": report,
         "cpu": cpu,
@@ -515,6 +553,8 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--secret", default="app-secret")
     s.add_argument("--stats-file")
+    s.add_argument("--stall-at", type=int, default=0, help="hold the answer to this request (1-based)")
+    s.add_argument("--stall-ms", type=float, default=0.0, help="for this long")
     q = sub.add_parser("produce")
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--port", type=int, required=True)
@@ -525,8 +565,11 @@ def main():
     q.add_argument("--rate", type=float, required=True, help="client events per second, in all")
     q.add_argument("--duration", type=float, required=True)
     q.add_argument("--drain", type=float, default=10.0)
+    q.add_argument("--grace", type=float, default=1.0,
+                   help="events received this long after the last write still count as on time")
     q.add_argument("--timeout", type=float, default=10.0)
     q.add_argument("--server-pid", type=int)
+    q.add_argument("--metrics-port", type=int, help="the server's: the drain stops once the dropped are counted")
     q.add_argument("--broker-pid", type=int)
     q.add_argument("--sink-pid", type=int)
     q.add_argument("--quiet-below", type=float, default=0.0, help="percent of the machine")
