@@ -143,7 +143,7 @@ impl Queue {
         }
     }
 
-    /// Up to `max` requests into `out`. Redis answers at once (`claim`: idle ones instead of
+    /// Up to `max` requests. Redis answers at once (`claim`: idle ones instead of
     /// new ones); NATS waits up to `IDLE_POLL × 10` for the first and redelivers idle ones on
     /// its own.
     async fn take(&self, max: usize, claim: bool) -> Result<Vec<Taken>, Broken> {

@@ -185,8 +185,14 @@ impl NatsQueue {
         })
     }
 
-    async fn publish(&self, subject: String, entry: &Entry) -> Result<Appended, Broken> {
-        let message = Publish::build().payload(entry.body.clone()).headers(Self::headers(entry)).message_id(&*entry.id);
+    /// The queue's subject for `app`'s requests.
+    fn queue_subject(&self, app: &str) -> String {
+        format!("{}{}", self.subject, hex::encode(app))
+    }
+
+    /// Publishes `entry` on `subject` with `dedup` as its `Nats-Msg-Id`.
+    async fn publish(&self, subject: String, entry: &Entry, dedup: &str) -> Result<Appended, Broken> {
+        let message = Publish::build().payload(entry.body.clone()).headers(Self::headers(entry)).message_id(dedup);
         let ack = async { self.js.send_publish(subject, message).await?.await };
         match ack.await {
             Ok(_) => Ok(Appended::Stored),
@@ -205,7 +211,7 @@ impl NatsQueue {
     pub async fn append(&self, entries: &[&Entry]) -> Result<Vec<Appended>, Broken> {
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            match self.publish(format!("{}{}", self.subject, hex::encode(&e.app)), e).await {
+            match self.publish(self.queue_subject(&e.app), e, &e.id).await {
                 Ok(a) => out.push(a),
                 Err(err) => {
                     self.repair().await;
@@ -252,7 +258,7 @@ impl NatsQueue {
     pub async fn finish(&self, message: &jetstream::Message, entry: &Entry, dead: bool) -> Result<(), Broken> {
         if dead {
             let subject = format!("{}{}", self.dead_subject, hex::encode(&entry.app));
-            if let Appended::Full = self.publish(subject, entry).await? {
+            if let Appended::Full = self.publish(subject, entry, &entry.id).await? {
                 tracing::warn!(app_id = %entry.app, "dead-letter stream refused a request");
             }
         }
@@ -283,30 +289,20 @@ impl NatsQueue {
         };
         let dead = self.current().dead;
         let info = dead.get_info().await.map_err(broken)?;
-        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let mut moved = 0;
-        for seq in first..=last {
-            if info.state.messages == 0 {
-                break;
-            }
+        if info.state.messages == 0 {
+            return Ok(moved);
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
             let Ok(raw) = dead.get_raw_message(seq).await else { continue };
             if !subject_matches(&raw.subject, &filter) {
                 continue;
             }
             let Some(entry) = Self::parse(Some(&raw.headers), &raw.payload) else { continue };
-            let subject = format!("{}{}", self.subject, hex::encode(&entry.app));
             // A replayed request gets a fresh dedup key (its id stays) so JetStream accepts it.
-            let message = Publish::build()
-                .payload(entry.body.clone())
-                .headers(Self::headers(&entry))
-                .message_id(format!("{}-replay-{seq}", entry.id));
-            let sent = async { self.js.send_publish(subject, message).await?.await };
-            if let Err(e) = sent.await {
-                let text = chain(&e);
-                if text.contains("maximum") {
-                    return Ok(moved);
-                }
-                return Err(Broken(text));
+            let dedup = format!("{}-replay-{seq}", entry.id);
+            if let Appended::Full = self.publish(self.queue_subject(&entry.app), &entry, &dedup).await? {
+                return Ok(moved);
             }
             dead.delete_message(seq).await.map_err(broken)?;
             moved += 1;
