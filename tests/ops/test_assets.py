@@ -820,20 +820,9 @@ class TestContractList(unittest.TestCase):
 
 # ============================================================================ runner
 def main():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
-    failed = len(result.failures) + len(result.errors)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
-    summary_file = os.environ.get("OPS_SUMMARY_FILE")
-    if summary_file:
-        with open(summary_file, "w") as f:
-            json.dump({"passed": passed, "failed": failed, "skipped": skipped}, f)
-    line = f"{passed} passed, {failed} failed"
-    if skipped:
-        line += f", {skipped} skipped"
-    print(line)
-    return 1 if failed else 0
+    import unitrun  # beside this file (the script's directory is on sys.path)
+
+    return unitrun.run(__name__)
 
 
 if __name__ == "__main__":
