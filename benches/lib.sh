@@ -102,5 +102,18 @@ log_problems() {
     grep -Ei 'warn|error|panic' "$1" | head -20 || true
 }
 
+# The results' closing bullets: each log's warnings and errors (names that are empty or not a
+# file are skipped), then the script's PROBLEMS.
+report_problems() {
+    local l p
+    for l in "$@"; do
+        [[ -n "$l" && -f "$l" ]] || continue
+        p="$(log_problems "$l")"
+        # shellcheck disable=SC2016 # the backticks are markdown
+        if [[ -n "$p" ]]; then printf -- '- warnings/errors in the log of %s:\n\n```\n%s\n```\n' "$(basename "$l" .log)" "$p"; fi
+    done
+    for p in "${PROBLEMS[@]}"; do echo "- $p"; done
+}
+
 # Reads figures from a fanout --json report: jf FILE FILTER
 jf() { jq -r "$2" "$1"; }

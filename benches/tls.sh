@@ -181,11 +181,7 @@ fan_row() {
     echo
     echo "TLS / plain: server CPU per delivery **$(s '.ratios.server_cpu_per_delivery | f(2)')** ($(s '.fanout.tls.server_cpu_s_per_m | f(2)') vs $(s '.fanout.plain.server_cpu_s_per_m | f(2)') s per million), latency p50 **$(s '.ratios.delivery_p50 | f(2)')** / p99 **$(s '.ratios.delivery_p99 | f(2)')**, client CPU per delivery $(s '.ratios.client_cpu_per_delivery | f(2)')."
     echo
-    for l in "${LOGS[@]}"; do
-        p="$(log_problems "$l")"
-        [[ -n "$p" ]] && printf -- '- warnings/errors in the log of %s:\n\n```\n%s\n```\n' "$(basename "$l" .log)" "$p"
-    done
-    for p in "${PROBLEMS[@]}"; do echo "- $p"; done
+    report_problems "${LOGS[@]}"
     echo
     echo "Full figures (per-step latencies, CPU of both sides, failures): \`$(basename "$JSON")\` (one object per run, then the summary)."
 } >"$OUT"

@@ -235,12 +235,7 @@ for l in heavy light hiccup; do [[ " $LOADS " == *" $l "* ]] && SHOWN+=("$l"); d
         done
     done
     echo
-    for l in "${LOGS[@]}"; do
-        p="$(log_problems "$l")"
-        # shellcheck disable=SC2016 # the backticks are markdown
-        [[ -n "$p" ]] && printf -- '- warnings/errors in the log of %s:\n\n```\n%s\n```\n' "$(basename "$l" .log)" "$p"
-    done
-    for p in "${PROBLEMS[@]}"; do echo "- $p"; done
+    report_problems "${LOGS[@]}"
     echo
     echo "Full figures (per-second receipts, CPU of every side, the server's webhook counters): \`$(basename "$JSON")\` (one object per run, then the summary)."
 } >"$OUT"
