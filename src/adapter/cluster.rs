@@ -625,6 +625,11 @@ impl Cluster {
             .is_none_or(|m| m.get(user).is_some_and(|member| !member.nodes.is_empty()) || m.len() < max)
     }
 
+    /// Whether `user` is a member of `channel` on some node.
+    pub fn present(&self, app: &str, channel: &str, user: &str) -> bool {
+        lock(&self.presence).get(&(app.to_owned(), channel.to_owned())).is_some_and(|m| m.contains_key(user))
+    }
+
     pub fn user_count(&self, app: &str, channel: &str) -> usize {
         lock(&self.presence).get(&(app.to_owned(), channel.to_owned())).map_or(0, HashMap::len)
     }

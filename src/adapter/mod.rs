@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod lanes;
 pub mod transport;
+mod watchlist;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +64,8 @@ pub struct Adapter {
     peer_ids: Mutex<BTreeSet<Arc<str>>>,
     /// Set when this node has said goodbye to the cluster: it can no longer ask the others.
     leaving: AtomicBool,
+    /// Signed-in users waiting out their offline grace (watchlist events).
+    leaving_users: watchlist::Leaving,
 }
 
 /// The receiving half of a broker link, handed to [`Adapter::run`].
@@ -157,6 +160,7 @@ impl Adapter {
             webhooks: None,
             peer_ids: Mutex::default(),
             leaving: AtomicBool::new(false),
+            leaving_users: watchlist::Leaving::new(Duration::from_millis(config.watchlist_offline_grace_ms)),
         };
         adapter.record_state();
         Ok((adapter, inbox))
@@ -765,6 +769,9 @@ impl Adapter {
         }
         for event in events {
             let PresenceEvent::Removed { app, channel, user } = event else { continue };
+            if channel == watchlist::USERS {
+                continue;
+            }
             let Some(app) = self.apps.find_by_id(app).await else { continue };
             if webhooks.wants(&app, EventKind::MemberRemoved) {
                 webhooks.emit(&app, WebhookEvent::MemberRemoved { channel: channel.clone(), user_id: user.clone() });
@@ -772,9 +779,16 @@ impl Adapter {
         }
     }
 
-    /// Tells local subscribers about cluster-wide presence changes.
+    /// Tells local subscribers about cluster-wide presence changes, and watchers about users
+    /// coming online or going offline.
     async fn announce(&self, events: Vec<PresenceEvent>) {
         for event in events {
+            if let Some((app_id, user, watch)) = event.watchlist() {
+                if let Some(app) = self.apps.find_by_id(app_id).await {
+                    self.tell_watchers(&app, user, watch);
+                }
+                continue;
+            }
             let (app_id, channel, frame) = match &event {
                 PresenceEvent::Added { app, channel, user, info } => {
                     (app, channel, server::member_added(channel, user, info))

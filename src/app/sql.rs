@@ -37,7 +37,7 @@ enum Kind {
 }
 
 /// The columns read, in the order of `AppConfig`'s fields.
-const COLUMNS: [(&str, Kind); 21] = [
+const COLUMNS: [(&str, Kind); 23] = [
     ("id", Kind::Text),
     ("key", Kind::Text),
     ("secret", Kind::Text),
@@ -46,6 +46,8 @@ const COLUMNS: [(&str, Kind); 21] = [
     ("enable_client_messages", Kind::Bool),
     ("enable_user_authentication", Kind::Bool),
     ("enable_subscription_count", Kind::Bool),
+    ("enable_watchlist_events", Kind::Bool),
+    ("max_watchlist_size", Kind::Int),
     ("max_client_events_per_second", Kind::Int),
     ("max_presence_members_per_channel", Kind::Int),
     ("max_presence_member_size_in_kb", Kind::Int),
@@ -459,6 +461,8 @@ where
         enable_client_messages: flag("enable_client_messages", d.enable_client_messages)?,
         enable_user_authentication: flag("enable_user_authentication", d.enable_user_authentication)?,
         enable_subscription_count: flag("enable_subscription_count", d.enable_subscription_count)?,
+        enable_watchlist_events: flag("enable_watchlist_events", d.enable_watchlist_events)?,
+        max_watchlist_size: int(number("max_watchlist_size")?, d.max_watchlist_size, "max_watchlist_size")?,
         max_client_events_per_second: int(
             number("max_client_events_per_second")?,
             d.max_client_events_per_second,

@@ -89,7 +89,9 @@ struct Channel {
 struct Inner {
     channels: HashMap<Arc<str>, Channel>,
     cache: CacheStore,
-    users: HashMap<Arc<str>, HashMap<SocketId, Arc<SocketHandle>>>,
+    users: SocketsByUser,
+    /// Signed-in sockets by the users they watch (at most `max_watchlist_size` entries each).
+    watchers: SocketsByUser,
 }
 
 /// The channel state of one app on this node.
@@ -291,20 +293,40 @@ impl AppChannels {
         inner.channels.get(channel).map(|c| c.members.keys().cloned().collect()).unwrap_or_default()
     }
 
-    /// Registers a signed-in socket under its user.
-    pub fn add_user(&self, user_id: &Arc<str>, handle: &Arc<SocketHandle>) {
-        let mut inner = self.lock();
-        inner.users.entry(user_id.clone()).or_default().insert(handle.id.clone(), handle.clone());
+    /// Registers a signed-in socket under its user; true when it is the user's first here.
+    pub fn add_user(&self, user_id: &Arc<str>, handle: &Arc<SocketHandle>) -> bool {
+        add_socket(&mut self.lock().users, user_id, handle)
     }
 
-    pub fn remove_user(&self, user_id: &str, socket_id: &str) {
+    /// Removes a signed-in socket; true when it was the user's last here.
+    pub fn remove_user(&self, user_id: &str, socket_id: &str) -> bool {
+        remove_socket(&mut self.lock().users, user_id, socket_id)
+    }
+
+    /// Whether `user_id` has a signed-in socket on this node.
+    pub fn has_user(&self, user_id: &str) -> bool {
+        self.lock().users.contains_key(user_id)
+    }
+
+    /// Registers `handle` as a watcher of each of `users`.
+    pub fn watch(&self, handle: &Arc<SocketHandle>, users: &[Arc<str>]) {
         let mut inner = self.lock();
-        if let Some(sockets) = inner.users.get_mut(user_id) {
-            sockets.remove(socket_id);
-            if sockets.is_empty() {
-                inner.users.remove(user_id);
-            }
+        for user in users {
+            add_socket(&mut inner.watchers, user, handle);
         }
+    }
+
+    /// Undoes [`AppChannels::watch`] for the socket `socket_id`.
+    pub fn unwatch(&self, socket_id: &str, users: &[Arc<str>]) {
+        let mut inner = self.lock();
+        for user in users {
+            remove_socket(&mut inner.watchers, user, socket_id);
+        }
+    }
+
+    /// The sockets on this node watching `user_id`.
+    pub fn watchers(&self, user_id: &str) -> Vec<Arc<SocketHandle>> {
+        self.lock().watchers.get(user_id).map(|s| s.values().cloned().collect()).unwrap_or_default()
     }
 
     /// The sockets signed in as `user_id` on this node.
@@ -332,6 +354,26 @@ impl Drop for AppChannels {
         inner.cache.release(&self.node_bytes);
         self.record(change);
     }
+}
+
+type SocketsByUser = HashMap<Arc<str>, HashMap<SocketId, Arc<SocketHandle>>>;
+
+/// Adds `handle` under `user`; true when it is the user's first socket there.
+fn add_socket(map: &mut SocketsByUser, user: &Arc<str>, handle: &Arc<SocketHandle>) -> bool {
+    let sockets = map.entry(user.clone()).or_default();
+    let first = sockets.is_empty();
+    sockets.insert(handle.id.clone(), handle.clone());
+    first
+}
+
+/// Removes `socket_id` from under `user` (and the user when it was the last); true then.
+fn remove_socket(map: &mut SocketsByUser, user: &str, socket_id: &str) -> bool {
+    let Some(sockets) = map.get_mut(user) else { return false };
+    if sockets.remove(socket_id).is_none() || !sockets.is_empty() {
+        return false;
+    }
+    map.remove(user);
+    true
 }
 
 fn presence_payload(ch: &Channel) -> String {

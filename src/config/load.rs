@@ -298,11 +298,12 @@ fn check_cluster_secret(secret: Option<&str>) -> Result<(), ConfigError> {
 fn check_ranges(c: &Config) -> Result<(), ConfigError> {
     use super::{MAX_COUNT, MAX_KB, MAX_MB, MAX_MILLIS, MAX_SECONDS};
     let (ws, api, a, w, o, sql) = (&c.websocket, &c.http_api, &c.adapter, &c.webhooks, &c.otel, &c.app_manager.sql);
-    let table: [(&str, u64, u64); 33] = [
+    let table: [(&str, u64, u64); 34] = [
         ("activity_timeout", c.activity_timeout, MAX_SECONDS),
         ("pong_timeout", c.pong_timeout, MAX_SECONDS),
         ("shutdown_grace_period", c.shutdown_grace_period, MAX_SECONDS),
         ("subscription_count_debounce_ms", c.subscription_count_debounce_ms, MAX_MILLIS),
+        ("watchlist_offline_grace_ms", c.watchlist_offline_grace_ms, MAX_MILLIS),
         ("max_memory_mb", c.max_memory_mb, MAX_MB),
         ("cache.ttl_seconds", c.cache.ttl_seconds, MAX_SECONDS),
         ("cache.max_mb_per_app", c.cache.max_mb_per_app, MAX_MB),

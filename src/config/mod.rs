@@ -37,6 +37,9 @@ pub struct Config {
     pub shutdown_grace_period: u64,
     /// Delay that coalesces subscription-count changes into one `subscription_count` event.
     pub subscription_count_debounce_ms: u64,
+    /// How long a watched user stays `online` after its last signed-in socket closed, so that a
+    /// reconnect within it (to any node) does not send watchers `offline` and `online` again.
+    pub watchlist_offline_grace_ms: u64,
     /// TLS on the WebSocket + API listener (`wss://` and `https://` on `port`).
     pub ssl: SslConfig,
     pub cache: CacheConfig,
@@ -401,6 +404,11 @@ pub struct AppConfig {
     pub enable_user_authentication: bool,
     /// Sends `pusher_internal:subscription_count` to subscribers when a channel's count changes.
     pub enable_subscription_count: bool,
+    /// Tells a signed-in socket when the users of its `user_data` `watchlist` come online or
+    /// go offline (`pusher_internal:watchlist_events`), cluster-wide.
+    pub enable_watchlist_events: bool,
+    /// Users one sign-in may watch; a longer watchlist is refused with 4302.
+    pub max_watchlist_size: usize,
     /// Per socket; 0 means no limit.
     pub max_client_events_per_second: u32,
     pub max_presence_members_per_channel: usize,
@@ -550,6 +558,8 @@ impl Default for AppConfig {
             enable_client_messages: false,
             enable_user_authentication: false,
             enable_subscription_count: false,
+            enable_watchlist_events: false,
+            max_watchlist_size: 100,
             max_client_events_per_second: 100,
             max_presence_members_per_channel: 100,
             max_presence_member_size_in_kb: 2,
@@ -600,6 +610,7 @@ impl AppConfig {
             ("max_event_channels_at_once", self.max_event_channels_at_once as u64, MAX_COUNT),
             ("max_event_batch_size", self.max_event_batch_size as u64, MAX_COUNT),
             ("max_presence_members_per_channel", self.max_presence_members_per_channel as u64, MAX_COUNT),
+            ("max_watchlist_size", self.max_watchlist_size as u64, MAX_COUNT),
         ] {
             if value > max {
                 return Err((field, format!("{value} is above the maximum of {max}")));
@@ -648,6 +659,7 @@ impl Default for Config {
             max_memory_mb: 0,
             shutdown_grace_period: 10,
             subscription_count_debounce_ms: 100,
+            watchlist_offline_grace_ms: 3_000,
             ssl: SslConfig::default(),
             cache: CacheConfig::default(),
             websocket: WebSocketConfig::default(),

@@ -62,6 +62,8 @@ struct Session<'a> {
     /// Subscribe/unsubscribe requests (`websocket.max_subscription_ops_per_second`).
     sub_ops: Option<TokenBucket>,
     signin_deadline: Option<Instant>,
+    /// The users this socket's sign-in watches (empty unless the app has watchlist events).
+    watchlist: Vec<Arc<str>>,
     /// `websocket.connection`, from upgrade to close; the socket's `subscribe`, `client_event`
     /// and `signin` spans link to it.
     conn_span: tracing::Span,
@@ -105,6 +107,7 @@ pub(super) async fn run(
         }),
         signin_deadline: (app.settings.enable_user_authentication && app.settings.user_authentication_timeout > 0)
             .then(|| after(Instant::now(), Duration::from_secs(app.settings.user_authentication_timeout))),
+        watchlist: Vec::new(),
         conn_link: crate::telemetry::trace::Link::to(&conn_span),
         conn_span,
     };
@@ -570,13 +573,27 @@ impl Session<'_> {
             }
             return self.refuse(ProtocolError::SubscriptionRejected("sign-in authentication failed".into()));
         }
+        let max_watchlist = self.app.settings.max_watchlist_size;
+        let watchlist = match self.app.settings.enable_watchlist_events {
+            true if data.watchlist.len() > max_watchlist => {
+                return self.refuse(ProtocolError::SubscriptionRejected(format!(
+                    "a watchlist of {} users is over this app's limit of {max_watchlist}",
+                    data.watchlist.len()
+                )));
+            }
+            true => data.watchlist.iter().map(|u| Arc::from(u.as_str())).collect(),
+            false => Vec::new(),
+        };
         let user_id: Arc<str> = Arc::from(data.user_id.as_str());
         if !self.handle.set_user(user_id.clone()) {
             return self.refuse(ProtocolError::SubscriptionRejected("already signed in as another user".into()));
         }
-        self.chans.add_user(&user_id, &self.handle);
         self.signin_deadline = None;
         self.handle.reply(server::signin_success(&data.user_data));
+        // Signing in again as the same user replaces the watchlist.
+        self.chans.unwatch(&self.handle.id, &self.watchlist);
+        self.watchlist = watchlist;
+        self.adapter.signed_in(&self.app, &self.handle, &user_id, &self.watchlist);
     }
 
     fn client_event(&mut self, event: String, channel: ChannelName, data: &RawValue) {
@@ -610,7 +627,7 @@ impl Session<'_> {
             self.adapter.unsubscribe(&self.app, &sub.channel, &self.handle.id);
         }
         if let Some(user) = self.handle.user_id() {
-            self.chans.remove_user(user, &self.handle.id);
+            self.adapter.signed_out(&self.app, &self.handle.id, user, &self.watchlist);
         }
         // Frames still queued are dropped with the handle; make sure nobody queues more.
         self.handle.outbox.close(CloseReason::Code(CloseCode::NORMAL, String::new()));

@@ -47,6 +47,8 @@ pub struct SigninData {
     pub auth: String,
     pub user_data: String,
     pub user_id: String,
+    /// The user ids of `user_data`'s `watchlist` (no repeats, in the order given).
+    pub watchlist: Vec<String>,
 }
 
 /// A presence member from subscribe `channel_data`.
@@ -144,8 +146,8 @@ impl ClientEvent {
             }
             "pusher:signin" => {
                 let data: RawSignin = decode_data(frame.data, "pusher:signin")?;
-                let user_id = parse_user_id(&data.user_data)?;
-                Ok(Self::Signin(SigninData { auth: data.auth, user_data: data.user_data, user_id }))
+                let (user_id, watchlist) = parse_user_data(&data.user_data)?;
+                Ok(Self::Signin(SigninData { auth: data.auth, user_data: data.user_data, user_id, watchlist }))
             }
             event if event.starts_with("client-") => {
                 if event.len() > limits.max_event_name_len {
@@ -175,20 +177,46 @@ impl ClientEvent {
 }
 
 /// Extracts the `id` of a sign-in `user_data` string (a JSON object with a non-empty string id).
-fn parse_user_id(user_data: &str) -> Result<String, ProtocolError> {
+/// The longest user id accepted, in bytes (as an id of `user_data` or of its watchlist).
+const MAX_USER_ID_LEN: usize = 200;
+
+/// `user_data`'s `id` and `watchlist` (`[]` when absent).
+fn parse_user_data(user_data: &str) -> Result<(String, Vec<String>), ProtocolError> {
     #[derive(Deserialize)]
     struct UserData {
         id: serde_json::Value,
+        #[serde(default)]
+        watchlist: Option<serde_json::Value>,
     }
+    let is_id = |s: &str| !s.is_empty() && s.len() <= MAX_USER_ID_LEN;
     if !is_object(user_data) {
         return Err(invalid("user_data must be a JSON object with an id"));
     }
     let parsed: UserData =
         serde_json::from_str(user_data).map_err(|_| invalid("user_data must be a JSON object with an id"))?;
-    match parsed.id {
-        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Ok(s),
-        _ => Err(invalid("user_data id must be a non-empty string")),
+    let id = match parsed.id {
+        serde_json::Value::String(s) if is_id(&s) => s,
+        _ => return Err(invalid("user_data id must be a non-empty string")),
+    };
+    let not_ids = || invalid("user_data watchlist must be an array of non-empty user id strings");
+    let mut watchlist: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    match parsed.watchlist {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(items)) => {
+            for item in items {
+                let serde_json::Value::String(user) = item else { return Err(not_ids()) };
+                if !is_id(&user) {
+                    return Err(not_ids());
+                }
+                if seen.insert(user.clone()) {
+                    watchlist.push(user);
+                }
+            }
+        }
+        Some(_) => return Err(not_ids()),
     }
+    Ok((id, watchlist))
 }
 
 impl PresenceMember {
@@ -251,6 +279,20 @@ mod tests {
         assert!(matches!(string_data, Ok(ClientEvent::Subscribe { .. })));
         let ce = ClientEvent::parse(r#"{"event":"client-x","channel":"private-a","data":{"a":1}}"#, &L).unwrap();
         assert!(matches!(ce, ClientEvent::Client { .. }));
+    }
+
+    #[test]
+    fn signin_reads_the_watchlist() {
+        assert_eq!(parse_user_data(r#"{"id":"u1"}"#).unwrap(), ("u1".to_owned(), vec![]));
+        let (id, watchlist) = parse_user_data(r#"{"id":"u1","watchlist":["u2","u3","u2"]}"#).unwrap();
+        assert_eq!((id.as_str(), watchlist), ("u1", vec!["u2".to_owned(), "u3".to_owned()]));
+        for bad in
+            [r#"{"id":"u1","watchlist":"u2"}"#, r#"{"id":"u1","watchlist":[2]}"#, r#"{"id":"u1","watchlist":[""]}"#]
+        {
+            assert_eq!(parse_user_data(bad).unwrap_err().code(), 4300, "{bad}");
+        }
+        let long = format!(r#"{{"id":"u1","watchlist":["{}"]}}"#, "x".repeat(MAX_USER_ID_LEN + 1));
+        assert!(parse_user_data(&long).is_err());
     }
 
     #[test]

@@ -182,6 +182,39 @@ pub fn signin_success(user_data: &str) -> String {
     Frame::new("pusher:signin_success", data.len()).data_str(&data).finish()
 }
 
+/// Whether a watched user came online or went offline (`pusher_internal:watchlist_events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    Online,
+    Offline,
+}
+
+impl Watch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Watch::Online => "online",
+            Watch::Offline => "offline",
+        }
+    }
+}
+
+/// `pusher_internal:watchlist_events` with one event, as Pusher sends it (no channel; `data`
+/// a string holding `{"events":[{"name":"online","user_ids":[...]}]}`), which pusher-js turns
+/// into `pusher.user.watchlist` `online` / `offline` events.
+pub fn watchlist_events<'a>(name: Watch, user_ids: impl Iterator<Item = &'a str>) -> String {
+    let mut data = String::from("{\"events\":[{\"name\":\"");
+    data.push_str(name.as_str());
+    data.push_str("\",\"user_ids\":[");
+    for (i, user) in user_ids.enumerate() {
+        if i > 0 {
+            data.push(',');
+        }
+        push_json_str(&mut data, user);
+    }
+    data.push_str("]}]}");
+    Frame::new("pusher_internal:watchlist_events", data.len()).data_str(&data).finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +222,18 @@ mod tests {
 
     fn parse(s: &str) -> Value {
         serde_json::from_str(s).expect("valid JSON")
+    }
+
+    #[test]
+    fn watchlist_events_are_pushers_wire_format() {
+        let f = parse(&watchlist_events(Watch::Online, ["u1", "u\"2"].into_iter()));
+        assert_eq!(f["event"], "pusher_internal:watchlist_events");
+        assert!(f.get("channel").is_none());
+        let data: Value = serde_json::from_str(f["data"].as_str().expect("data is a string")).unwrap();
+        assert_eq!(data, serde_json::json!({"events": [{"name": "online", "user_ids": ["u1", "u\"2"]}]}));
+        let f = parse(&watchlist_events(Watch::Offline, std::iter::empty()));
+        let data: Value = serde_json::from_str(f["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["events"][0]["name"], "offline");
     }
 
     #[test]

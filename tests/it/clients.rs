@@ -8,11 +8,11 @@ use tokio::process::Command;
 
 use crate::support::*;
 
-fn clients_dir() -> PathBuf {
+pub(crate) fn clients_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
-async fn run(mut cmd: Command, what: &str) {
+pub(crate) async fn run(mut cmd: Command, what: &str) {
     let out = tokio::time::timeout(Duration::from_secs(240), cmd.kill_on_drop(true).output())
         .await
         .unwrap_or_else(|_| panic!("{what} finished within 240 s"))
@@ -23,7 +23,7 @@ async fn run(mut cmd: Command, what: &str) {
     println!("{what}:\n{stdout}\n{stderr}");
 }
 
-fn with_server_env(cmd: &mut Command, server: &TestServer) {
+pub(crate) fn with_server_env(cmd: &mut Command, server: &TestServer) {
     cmd.env("SOCKUDO_HOST", "127.0.0.1")
         .env("SOCKUDO_PORT", server.port.to_string())
         .env("SOCKUDO_APP_ID", APP_ID)

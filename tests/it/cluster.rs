@@ -24,14 +24,14 @@ pub enum Broker {
 }
 
 impl Broker {
-    fn redis() -> Self {
+    pub(crate) fn redis() -> Self {
         Broker::Redis("redis://127.0.0.1:6379".into())
     }
-    fn nats() -> Self {
+    pub(crate) fn nats() -> Self {
         Broker::Nats("nats://127.0.0.1:4222".into())
     }
 
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Broker::Redis(_) | Broker::RedisWith(_) => "redis",
             Broker::Nats(_) | Broker::NatsWith(_) => "nats",
@@ -400,7 +400,7 @@ async fn nats_restart_mid_test() {
 }
 
 /// A cluster node as a separate process on `prefix` (Redis on 6379 or NATS on 4222).
-async fn process_node(
+pub(crate) async fn process_node(
     driver: &str,
     prefix: &str,
     extra: &[(&'static str, String)],

@@ -25,5 +25,6 @@ mod secure_links;
 mod support;
 mod telemetry;
 mod tls;
+mod watchlist;
 mod webhook_fairness;
 mod webhooks;

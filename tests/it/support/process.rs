@@ -81,6 +81,11 @@ impl Process {
         assert!(status.success(), "kill -{name} {pid}");
     }
 
+    /// The child's process id (for a test's own client to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("pid")
+    }
+
     /// Whether a line of the output so far contains `text`.
     pub fn logged(&self, text: &str) -> bool {
         self.lines.lock().unwrap().iter().any(|l| l.contains(text))
